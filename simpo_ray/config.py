@@ -1,0 +1,380 @@
+"""Typed run configuration: one dataclass per concern, YAML in, validated at build time.
+
+A config crosses Ray boundaries as a plain dict: ``cfg.to_dict()`` on the driver,
+``RunConfig.from_dict(d)`` on the worker. Every error names the dotted field path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+# The tuning objective: held-out pairwise accuracy. The worker reports it under this
+# key and the tuner optimises it, so both import this one constant.
+OBJECTIVE = "eval/rewards/accuracies"
+
+LOSS_NAMES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted field path."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(f"config field '{path}': {reason}")
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Llama-style model built from this config with a seed (no download)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face folder, a hub name, or "tiny" for the built-in test model.
+    name_or_path: str = "tiny"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # float32 or bfloat16 (fp16 is refused by DeepSpeed on CPU and is not worth it on H100).
+    dtype: str = "bfloat16"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16"))
+        _choice(f"{path}.attn_implementation", self.attn_implementation,
+                ("sdpa", "eager", "flash_attention_2"))
+        if not self.name_or_path:
+            raise ConfigError(f"{path}.name_or_path", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    # JSONL or Parquet files (a path, a glob, or a list of them).
+    train_files: Union[str, list] = "examples/data/preferences.jsonl"
+    # Held-out pairs: a separate file, or else a seeded fraction of the training rows.
+    eval_files: Optional[Union[str, list]] = None
+    eval_fraction: float = 0.1
+    max_length: int = 2048
+    max_prompt_length: int = 1800
+    # strict: a malformed row stops the run naming file, row and reason.
+    # lenient: such rows are dropped and counted per reason.
+    strict: bool = True
+    seed: int = 0
+    shuffle: bool = True
+
+    def validate(self, path: str) -> None:
+        if not self.train_files:
+            raise ConfigError(f"{path}.train_files", "must name at least one file")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"{path}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _positive(f"{path}.max_length", self.max_length)
+        _positive(f"{path}.max_prompt_length", self.max_prompt_length)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"{path}.max_prompt_length",
+                              f"({self.max_prompt_length}) must be below max_length ({self.max_length}) "
+                              "so every completion keeps at least one token")
+
+
+@dataclass
+class SimPOConfig:
+    """The objective. gamma_beta_ratio is the margin knob of the official recipes;
+    an absolute gamma may be given instead (never both); both are logged."""
+
+    loss: str = "simpo"
+    beta: float = 2.0
+    gamma_beta_ratio: Optional[float] = 0.5
+    gamma: Optional[float] = None
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # Weight of an SFT (NLL) term on the chosen response; 0 is the paper's method.
+    sft_weight: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.loss", self.loss, LOSS_NAMES)
+        _choice(f"{path}.loss_type", self.loss_type, ("sigmoid", "hinge"))
+        _positive(f"{path}.beta", self.beta)
+        if (self.gamma is None) == (self.gamma_beta_ratio is None):
+            raise ConfigError(f"{path}.gamma_beta_ratio",
+                              "give exactly one of gamma_beta_ratio or gamma "
+                              "(set the other to null)")
+        for name in ("gamma", "gamma_beta_ratio"):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise ConfigError(f"{path}.{name}", f"must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{path}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if not math.isfinite(self.sft_weight) or self.sft_weight < 0:
+            raise ConfigError(f"{path}.sft_weight", f"must be >= 0, got {self.sft_weight}")
+
+    @property
+    def resolved_gamma(self) -> float:
+        return self.gamma if self.gamma is not None else self.beta * self.gamma_beta_ratio
+
+    @property
+    def resolved_gamma_beta_ratio(self) -> float:
+        return self.gamma_beta_ratio if self.gamma_beta_ratio is not None else self.gamma / self.beta
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.lr", self.lr)
+        _choice(f"{path}.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{path}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _positive(f"{path}.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class TrainConfig:
+    """Scaling and cadence. total_batch_size is held fixed when num_workers changes:
+    gradient accumulation = total / (micro * workers)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    total_batch_size: int = 128
+    micro_batch_size: int = 2
+    epochs: int = 1
+    # Stop after this many optimizer steps (None: run the epochs out).
+    max_steps: Optional[int] = None
+    log_every: int = 1
+    eval_every: int = 10
+    checkpoint_every: int = 50
+    seed: int = 42
+    max_failures: int = 0
+
+    def validate(self, path: str) -> None:
+        for name in ("num_workers", "total_batch_size", "micro_batch_size", "epochs",
+                     "log_every", "eval_every", "checkpoint_every"):
+            _positive(f"{path}.{name}", getattr(self, name))
+        if self.max_steps is not None:
+            _positive(f"{path}.max_steps", self.max_steps)
+        _positive(f"{path}.cpus_per_worker", self.cpus_per_worker)
+        per_round = self.micro_batch_size * self.num_workers
+        if self.total_batch_size % per_round:
+            raise ConfigError(
+                f"{path}.total_batch_size",
+                f"{self.total_batch_size} is not divisible by micro_batch_size x num_workers "
+                f"= {self.micro_batch_size} x {self.num_workers} = {per_round}")
+        if self.max_failures < 0:
+            raise ConfigError(f"{path}.max_failures", "must be >= 0")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.total_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Extra keys merged last into the generated DeepSpeed JSON (expert escape hatch).
+    overrides: dict = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.stage", self.stage, (0, 1, 2, 3))
+        if self.offload_params and self.stage != 3:
+            raise ConfigError(f"{path}.offload_params", "parameter offload needs stage 3")
+
+
+@dataclass
+class OutputConfig:
+    # Run folder = root/name. Rerunning with the same name resumes from the latest checkpoint.
+    root: str = "runs"
+    name: str = "simpo"
+    export: bool = True
+    keep_checkpoints: int = 2
+
+    def validate(self, path: str) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"{path}.name", f"must be a non-empty folder name, got {self.name!r}")
+        _positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root).expanduser().resolve() / self.name
+
+
+@dataclass
+class RayConfig:
+    # None: join $RAY_ADDRESS if set, else start a private local cluster.
+    address: Optional[str] = None
+    # Logical CPUs declared for a local cluster. Ray Data only gets the CPUs Train does
+    # not hold, so this is more than the workers need (see the runbook).
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        return _build(cls, data or {}, "").validate()
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], overrides: Optional[list] = None) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError("<file>", f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("<file>", f"{path} must hold a mapping at the top level")
+        data = apply_overrides(data, overrides or [])
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_overrides(data: dict, overrides: list) -> dict:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars/lists."""
+    out = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(key, f"'{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d):
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<root>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(names)}"
+        raise ConfigError(_join(path, k), f"unknown key{hint}")
+    kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, path):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1] if errors else ConfigError(path, "must not be null")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(path, f"must be finite, got {value!r}")
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+            try:
+                v = float(value)
+            except ValueError:
+                raise ConfigError(path, f"expected a number, got {value!r}") from None
+            if not math.isfinite(v):
+                raise ConfigError(path, f"must be finite, got {value!r}")
+            return v
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"expected a string, got {value!r}")
+    if tp in (list, dict):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(path, f"expected a {tp.__name__}, got {value!r}")
+    return value
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _choice(path: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(path, f"must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def _positive(path: str, value) -> None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(path, f"must be > 0, got {value!r}")

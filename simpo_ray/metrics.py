@@ -1,0 +1,78 @@
+"""The one place logged metrics are made: same keys in training, eval, Tune and files.
+
+A step's micro-batches add per-pair sums into a ``Sums`` (a dict of floats); the
+worker all-reduces it across ranks; ``to_metrics`` turns sums into means. Keys:
+``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``,
+``lengths/{chosen,rejected}``, ``margin_reached``; eval the same under ``eval/``.
+"""
+
+from __future__ import annotations
+
+PAIR_KEYS = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected", "margin_reached",
+)
+
+
+def pair_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
+              chosen_len, rejected_len, gamma: float) -> dict:
+    """Per-pair tensors of shape (B,) -> sums over the batch (floats) plus ``pairs``.
+
+    ``margin_reached``: share of pairs whose reward gap is at least the target margin
+    gamma (the SimPO objective is "satisfied" there; loss <= ln 2 when z >= 0).
+    """
+    margins = (chosen_rewards - rejected_rewards).detach().float()
+    vals = {
+        "loss": losses.detach().float(),
+        "rewards/chosen": chosen_rewards.detach().float(),
+        "rewards/rejected": rejected_rewards.detach().float(),
+        "rewards/margins": margins,
+        "rewards/accuracies": (margins > 0).float(),
+        "logps/chosen": chosen_logps.detach().float(),
+        "logps/rejected": rejected_logps.detach().float(),
+        "lengths/chosen": chosen_len.float(),
+        "lengths/rejected": rejected_len.float(),
+        "margin_reached": (margins >= gamma).float(),
+    }
+    out = {k: float(v.sum()) for k, v in vals.items()}
+    out["pairs"] = float(margins.numel())
+    return out
+
+
+def add_sums(total: dict, more: dict) -> dict:
+    for k, v in more.items():
+        total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def all_reduce_sums(sums: dict) -> dict:
+    """Sum the same keys over every rank (a collective: all ranks must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def to_metrics(sums: dict, prefix: str = "") -> dict:
+    """Global sums -> means per pair, under ``prefix`` (e.g. "eval/")."""
+    n = max(sums.get("pairs", 0.0), 1.0)
+    out = {f"{prefix}{k}": sums.get(k, 0.0) / n for k in PAIR_KEYS}
+    out[f"{prefix}pairs"] = int(sums.get("pairs", 0))
+    return out
+
+
+def format_progress(m: dict, total_steps: int) -> str:
+    """One human line per report."""
+    parts = [f"step {m['step']:>5}/{total_steps}", f"loss {m['loss']:.4f}",
+             f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:+.3f}",
+             f"logp c/r {m['logps/chosen']:.3f}/{m['logps/rejected']:.3f}",
+             f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
+             f"{m['tokens_per_s']:.0f} tok/s"]
+    if "eval/rewards/accuracies" in m:
+        parts.append(f"eval acc {m['eval/rewards/accuracies']:.3f}")
+    return " | ".join(parts)

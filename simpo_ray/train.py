@@ -1,0 +1,147 @@
+"""train(cfg): the driver. Ray up -> data prepared -> TorchTrainer.fit() -> summary.
+
+Run folder (``output.root/output.name``): ``config.yaml`` (resolved), ``metrics.jsonl``
+(one line per report), Ray's ``checkpoint_*`` folders, ``model/`` (the export) and
+``summary.json``. Rerunning with the same name resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from simpo_ray.config import RunConfig
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join ``ray.address`` / $RAY_ADDRESS, else start a private local cluster."""
+    import ray
+    import ray.data
+
+    # Progress bars from every Ray Data operator drown the training log; our own
+    # progress line per report is the signal.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    t = cfg.train
+    # Ray Data only gets CPUs that Train does not hold: declare a few more logical CPUs
+    # than the workers reserve, or the data stream starves (a silent hang).
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+
+
+def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> dict:
+    """Steps and other facts every worker needs, computed once on the driver."""
+    from transformers import AutoTokenizer
+
+    from simpo_ray.data import DataError
+
+    t = cfg.train
+    # streaming_split(equal=True) gives every rank the same number of rows.
+    rows_per_rank = stats["train_pairs"] // t.num_workers
+    steps_per_epoch = rows_per_rank // t.micro_batch_size // t.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{stats['train_pairs']} training pairs are fewer than one optimizer step needs "
+            f"(train.total_batch_size={t.total_batch_size}); lower it or add data")
+    total = steps_per_epoch * t.epochs
+    if t.max_steps:
+        total = min(total, t.max_steps)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return {
+        "steps_per_epoch": steps_per_epoch, "total_steps": total, "has_eval": has_eval,
+        "pad_id": pad_id, "tiny_spec": dataclasses.asdict(cfg.model.tiny),
+        "export_dir": str(cfg.output.run_dir / "model"),
+        "margin": {"gamma": cfg.simpo.resolved_gamma,
+                   "gamma_beta_ratio": cfg.simpo.resolved_gamma_beta_ratio},
+        "stats": {k: v for k, v in stats.items() if k != "files"},
+    }
+
+
+def progress_callback(run_dir: str, total_steps: int):
+    """A Ray Train callback (runs in the controller): one printed line and one JSON
+    line per report, and a check that every rank has run the same micro-batches."""
+    from ray.train.v2.api.callback import UserCallback
+
+    from simpo_ray.metrics import format_progress
+
+    class Progress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = dict(metrics[0])
+            m["ranks_micro_batches"] = [r.get("rank_micro_batches") for r in metrics]
+            m.pop("rank_micro_batches", None)
+            m["time"] = time.time()
+            if checkpoint is not None:
+                m["checkpoint"] = checkpoint.path
+            with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            print("[simpo-ray] " + format_progress(m, total_steps), flush=True)
+
+    return Progress()
+
+
+def train(cfg: RunConfig):
+    """Run (or resume) one SimPO training run. Returns (ray Result, summary dict)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from simpo_ray.data import prepare_datasets
+    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.worker import train_loop_per_worker
+
+    cfg.validate()
+    run_dir = cfg.output.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    started = time.time()
+    init_ray(cfg)
+
+    model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
+    data = prepare_datasets(cfg, model_path)
+    stats = data["stats"]
+    plan = make_plan(cfg, stats, model_path, has_eval=data["eval"] is not None)
+    print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
+          f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
+    print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
+          f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
+          f"{plan['steps_per_epoch']} steps/epoch, {plan['total_steps']} steps; run folder {run_dir}")
+
+    t = cfg.train
+    datasets = {"train": data["train"]}
+    if data["eval"] is not None:
+        datasets["eval"] = data["eval"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), "plan": plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=cfg.output.name, storage_path=str(run_dir.parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=[progress_callback(str(run_dir), plan["total_steps"])]),
+    )
+    result = trainer.fit()
+    summary = {
+        "run_dir": str(run_dir), "total_steps": plan["total_steps"],
+        "final_metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export_dir": plan["export_dir"] if cfg.output.export else None,
+        "data": stats, "wall_s": round(time.time() - started, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return result, summary

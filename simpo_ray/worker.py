@@ -1,0 +1,156 @@
+"""train_loop_per_worker: the SimPO loop that every Ray Train worker runs.
+
+The loop reads top to bottom; each piece it calls is a named helper below it.
+Every rank runs the same number of micro-batches, forwards and reports (ZeRO-3
+forwards and ``ray.train.report`` are collectives: a rank that skips one hangs the rest).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from simpo_ray import checkpoint, metrics
+from simpo_ray.config import RunConfig
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from simpo_ray.engine import build_engine, configure_threads, resolve_model_path
+
+    cfg, plan = RunConfig.from_dict(config["run"]), config["plan"]
+    t = cfg.train
+    configure_threads(t.cpus_per_worker)
+    torch.manual_seed(t.seed)
+    model_path = resolve_model_path(cfg.model.name_or_path, plan["tiny_spec"])
+    engine, _ = build_engine(cfg, model_path, plan["total_steps"])
+    state = checkpoint.restore(engine) or {"step": 0, "epoch": 0, "micro": 0}
+    rank = ray.train.get_context().get_world_rank()
+    if rank == 0 and state["step"]:
+        print(f"[simpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, micro-batch {state['micro']})")
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
+    micro_per_epoch = plan["steps_per_epoch"] * t.grad_accum_steps
+
+    step, sums, tokens, clock = state["step"], {}, 0, time.perf_counter()
+    for epoch in range(state["epoch"], t.epochs):
+        skip = state["micro"] if epoch == state["epoch"] else 0
+        for micro, batch in enumerate(iter_train(train_shard, cfg, epoch), start=1):
+            if micro > micro_per_epoch or step >= plan["total_steps"]:
+                break
+            if micro <= skip:  # resume: these micro-batches were trained before the checkpoint
+                continue
+            loss, pair_sums, n_tokens = simpo_forward(engine, batch, cfg, plan)
+            engine.backward(loss)
+            engine.step()
+            metrics.add_sums(sums, pair_sums)
+            tokens += n_tokens
+            if engine.global_steps == step:  # still accumulating gradients
+                continue
+            step = engine.global_steps
+            last = step >= plan["total_steps"]
+            if step % t.log_every and step % t.eval_every and step % t.checkpoint_every and not last:
+                continue
+            report = step_report(engine, sums, tokens, time.perf_counter() - clock, step, epoch)
+            if eval_shard is not None and (step % t.eval_every == 0 or last):
+                report.update(evaluate(engine, eval_shard, cfg, plan))
+            report["rank_micro_batches"] = micro + epoch * micro_per_epoch
+            report.update(plan["margin"])  # gamma and gamma_beta_ratio, both logged
+            save_now = step % t.checkpoint_every == 0 or last
+            ckpt_state = {"step": step, "epoch": epoch if micro < micro_per_epoch else epoch + 1,
+                          "micro": micro if micro < micro_per_epoch else 0}
+            report_and_checkpoint(engine, report, ckpt_state if save_now else None)
+            sums, tokens, clock = {}, 0, time.perf_counter()
+
+    if cfg.output.export:
+        card = checkpoint.model_card(cfg.to_dict(), plan["stats"], {"step": step})
+        path = checkpoint.export(engine, model_path, plan["export_dir"], card)
+        if rank == 0:
+            print(f"[simpo-ray] exported Hugging Face model to {path}")
+
+
+def iter_train(shard, cfg: RunConfig, epoch: int):
+    """This rank's micro-batches for one epoch, shuffled locally with a seeded buffer."""
+    return shard.iter_batches(
+        batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=8 * cfg.train.micro_batch_size if cfg.data.shuffle else None,
+        local_shuffle_seed=cfg.data.seed * 1000 + epoch if cfg.data.shuffle else None)
+
+
+def pair_logps(engine, batch: dict, plan: dict):
+    """One forward of chosen+rejected. Returns (avg_logps (2B,), n_tokens (2B,), labels)."""
+    from simpo_ray.collate import collate_numpy_batch
+    from simpo_ray.logps import sequence_logps, token_counts
+
+    b = collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
+    b = {k: v.to(engine.device) for k, v in b.items()}
+    logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    return sequence_logps(logits, b["labels"], average=True), token_counts(b["labels"]), b
+
+
+def simpo_forward(engine, batch: dict, cfg: RunConfig, plan: dict):
+    """Loss (mean over pairs, + optional SFT term) and the per-pair metric sums."""
+    from simpo_ray.losses import sft_loss, simpo_loss
+
+    s = cfg.simpo
+    avg, counts, b = pair_logps(engine, batch, plan)
+    n = avg.shape[0] // 2
+    losses, cr, rr = simpo_loss(avg[:n], avg[n:], beta=s.beta, gamma_beta_ratio=s.gamma_beta_ratio,
+                                gamma=s.gamma, loss_type=s.loss_type, label_smoothing=s.label_smoothing)
+    loss = losses.mean()
+    if s.sft_weight:
+        loss = loss + s.sft_weight * sft_loss(avg[:n]).mean()
+    sums = metrics.pair_sums(losses, cr, rr, avg[:n], avg[n:], counts[:n], counts[n:], s.resolved_gamma)
+    return loss, sums, int(b["attention_mask"].sum())
+
+
+def evaluate(engine, shard, cfg: RunConfig, plan: dict) -> dict:
+    """Held-out pairs, no grad. Same keys as training under ``eval/``."""
+    import torch
+
+    from simpo_ray.losses import simpo_loss
+
+    s, sums = cfg.simpo, {}
+    engine.eval()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+            avg, counts, _ = pair_logps(engine, batch, plan)
+            n = avg.shape[0] // 2
+            losses, cr, rr = simpo_loss(avg[:n], avg[n:], beta=s.beta, gamma_beta_ratio=s.gamma_beta_ratio,
+                                        gamma=s.gamma, loss_type=s.loss_type,
+                                        label_smoothing=s.label_smoothing)
+            metrics.add_sums(sums, metrics.pair_sums(losses, cr, rr, avg[:n], avg[n:], counts[:n],
+                                                     counts[n:], s.resolved_gamma))
+    engine.train()
+    return metrics.to_metrics(metrics.all_reduce_sums(sums), prefix="eval/")
+
+
+def step_report(engine, sums: dict, tokens: int, seconds: float, step: int, epoch: int) -> dict:
+    """Global training metrics since the last report (all-reduced over ranks)."""
+    sums = dict(sums, tokens=float(tokens))
+    total = metrics.all_reduce_sums(sums)
+    out = metrics.to_metrics(total)
+    grad_norm = engine.get_global_grad_norm()
+    out.update({
+        "step": step, "epoch": epoch, "lr": float(engine.get_lr()[0]),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        # Every rank ran for about the same wall time, so global tokens / seconds.
+        "tokens_per_s": total["tokens"] / max(seconds, 1e-9),
+    })
+    return out
+
+
+def report_and_checkpoint(engine, report: dict, state: dict | None) -> None:
+    """Every rank reports (a barrier); with ``state`` every rank also saves its shard."""
+    import ray.train
+
+    if state is None:
+        ray.train.report(report)
+        return
+    ckpt, tmp = checkpoint.save(engine, state)
+    try:
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state['step']:06d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
