@@ -276,6 +276,7 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     Returns {"train": Dataset, "eval": Dataset | None, "stats": dict}.
     """
     import ray.data
+    from ray.data.expressions import col
 
     d = cfg.data
     files = expand_files(d.train_files)
@@ -297,17 +298,17 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     parts = [tokenized] + ([pipeline(eval_files, 1.0)] if eval_files else [])
     errors = []
     for part in parts:
-        bad = part.filter(expr="error != ''").select_columns(["source", "row", "error"])
+        bad = part.filter(expr=col("error") != "").select_columns(["source", "row", "error"])
         errors += [(r["source"], r["row"], r["error"]) for r in bad.take_all()]
     dropped = summarize_errors(errors, strict=d.strict)
 
     keep = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    good = tokenized.filter(expr="error == ''")
-    train = good.filter(expr="split == 'train'")
+    good = tokenized.filter(expr=col("error") == "")
+    train = good.filter(expr=col("split") == "train")
     if eval_files:
-        eval_ds = parts[1].filter(expr="error == ''")
+        eval_ds = parts[1].filter(expr=col("error") == "")
     else:
-        eval_ds = good.filter(expr="split == 'eval'") if fraction > 0 else None
+        eval_ds = good.filter(expr=col("split") == "eval") if fraction > 0 else None
     if d.shuffle:
         train = train.random_shuffle(seed=d.seed)
     stats_cols = ["truncated"]
