@@ -68,6 +68,8 @@ def to_metrics(sums: dict, prefix: str = "") -> dict:
 
 def format_progress(m: dict, total_steps: int) -> str:
     """One human line per report."""
+    if "loss" not in m:  # the step-0 baseline: eval only
+        return f"step {m['step']:>5}/{total_steps} | eval acc {m.get('eval/rewards/accuracies', float('nan')):.3f} (before training)"
     parts = [f"step {m['step']:>5}/{total_steps}", f"loss {m['loss']:.4f}",
              f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:+.3f}",
              f"logp c/r {m['logps/chosen']:.3f}/{m['logps/rejected']:.3f}",

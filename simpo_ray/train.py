@@ -37,8 +37,9 @@ def init_ray(cfg: RunConfig) -> None:
     # Ray Data only gets CPUs that Train does not hold: declare a few more logical CPUs
     # than the workers reserve, or the data stream starves (a silent hang).
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+    # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train's
+    # placement-group cleaner and Tune over Train rely on.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> dict:

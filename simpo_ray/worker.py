@@ -22,6 +22,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg, plan = RunConfig.from_dict(config["run"]), config["plan"]
     t = cfg.train
+    quiet_worker_logs()
     configure_threads(t.cpus_per_worker)
     torch.manual_seed(t.seed)
     model_path = resolve_model_path(cfg.model.name_or_path, plan["tiny_spec"])
@@ -34,6 +35,8 @@ def train_loop_per_worker(config: dict) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
     micro_per_epoch = plan["steps_per_epoch"] * t.grad_accum_steps
 
+    if state["step"] == 0 and eval_shard is not None:  # the baseline the curve starts from
+        ray.train.report({"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]})
     step, sums, tokens, clock = state["step"], {}, 0, time.perf_counter()
     for epoch in range(state["epoch"], t.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
@@ -69,6 +72,19 @@ def train_loop_per_worker(config: dict) -> None:
         path = checkpoint.export(engine, model_path, plan["export_dir"], card)
         if rank == 0:
             print(f"[simpo-ray] exported Hugging Face model to {path}")
+
+
+def quiet_worker_logs() -> None:
+    """Our progress line carries the signal; drop per-report INFO dumps and
+    deprecation chatter from libraries (warnings and errors still show)."""
+    import logging
+    import warnings
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
 
 
 def iter_train(shard, cfg: RunConfig, epoch: int):

@@ -43,7 +43,9 @@ def first_run(ray_local, tmp_path_factory):
 
 def test_two_worker_zero3_run(first_run):
     cfg, result, summary = first_run
-    lines = _lines(summary["run_dir"])
+    baseline, *lines = _lines(summary["run_dir"])
+    assert baseline["step"] == 0 and "loss" not in baseline  # held-out accuracy before training
+    assert 0.0 <= baseline["eval/rewards/accuracies"] <= 1.0
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     for m in lines:
         assert math.isfinite(m["loss"]) and m["loss"] > 0
@@ -88,10 +90,10 @@ def test_rerun_resumes_from_latest_checkpoint(first_run):
     cfg2 = _cfg(cfg.output.root, **{"train.max_steps": 6})
     _, summary2 = train(cfg2)
     lines = _lines(summary2["run_dir"])
-    assert lines[:4] == before
-    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]  # nothing repeated, nothing lost
+    assert lines[:5] == before  # the baseline line and steps 1-4, untouched
+    assert [m["step"] for m in lines] == [0, 1, 2, 3, 4, 5, 6]  # nothing repeated, nothing lost
     accum = cfg.train.grad_accum_steps
-    assert lines[4]["ranks_micro_batches"] == [5 * accum] * 2  # data position continued
+    assert lines[5]["ranks_micro_batches"] == [5 * accum] * 2  # data position continued
     assert summary2["final_metrics"]["step"] == 6
 
 
