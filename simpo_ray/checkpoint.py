@@ -50,7 +50,7 @@ def gather_state_dict(engine) -> dict | None:
     """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: all ranks call."""
     import deepspeed
 
-    module = engine.module
+    module = engine.module.lm
     if engine.zero_optimization_stage() != 3:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} \
             if engine.global_rank == 0 else None
@@ -98,7 +98,7 @@ def export(engine, model_path: str, dest: str, card: str) -> str | None:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent))
-    module = engine.module
+    module = engine.module.lm
     module.config.use_cache = True  # training turned it off; generation wants it
     module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)

@@ -54,6 +54,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # Score completions chunk by chunk from hidden states (never the full logits);
+    # 0 uses the model's own logits (automatic for soft-capped models like Gemma-2).
+    logps_chunk_size: int = 1024
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16"))
@@ -61,6 +64,8 @@ class ModelConfig:
                 ("sdpa", "eager", "flash_attention_2"))
         if not self.name_or_path:
             raise ConfigError(f"{path}.name_or_path", "must not be empty")
+        if self.logps_chunk_size < 0:
+            raise ConfigError(f"{path}.logps_chunk_size", "must be >= 0 (0: plain logits)")
 
 
 @dataclass
@@ -103,7 +108,13 @@ class SimPOConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     # Weight of an SFT (NLL) term on the chosen response; 0 is the paper's method.
+    # (CPO and ORPO in their papers add this term: set it, e.g. 1.0, for those.)
     sft_weight: float = 0.0
+    # R-DPO's length penalty alpha (only for loss: rdpo).
+    rdpo_alpha: float = 0.0
+    # Alarm when the average chosen log-prob (per token) falls this far below its
+    # first value: the likelihood collapse users report. null turns it off.
+    chosen_logp_alarm: Optional[float] = 1.5
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.loss", self.loss, LOSS_NAMES)
@@ -121,6 +132,8 @@ class SimPOConfig:
             raise ConfigError(f"{path}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if not math.isfinite(self.sft_weight) or self.sft_weight < 0:
             raise ConfigError(f"{path}.sft_weight", f"must be >= 0, got {self.sft_weight}")
+        if self.chosen_logp_alarm is not None:
+            _positive(f"{path}.chosen_logp_alarm", self.chosen_logp_alarm)
 
     @property
     def resolved_gamma(self) -> float:

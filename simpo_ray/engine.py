@@ -88,7 +88,8 @@ def skip_cpu_shm_build() -> None:
 def build_engine(cfg, model_path: str, total_steps: int):
     """Load the model partitioned at load (ZeRO-3 via HfDeepSpeedConfig) and wrap it.
 
-    Returns (engine, ds_config). Every rank must call this (it is collective).
+    Returns (engine, ds_config); ``engine.module`` is a ``PolicyLogps`` whose ``.lm`` is
+    the Hugging Face model. Every rank must call this (it is collective).
     """
     import deepspeed
     import torch
@@ -109,6 +110,9 @@ def build_engine(cfg, model_path: str, total_steps: int):
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from simpo_ray.policy import PolicyLogps
+
+    model = PolicyLogps(model, chunk_size=cfg.model.logps_chunk_size)
 
     o = cfg.optim
     optimizer = None

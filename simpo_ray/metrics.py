@@ -3,14 +3,15 @@
 A step's micro-batches add per-pair sums into a ``Sums`` (a dict of floats); the
 worker all-reduces it across ranks; ``to_metrics`` turns sums into means. Keys:
 ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``,
-``lengths/{chosen,rejected}``, ``margin_reached``; eval the same under ``eval/``.
+``logps/accuracies`` (likelihood ranking), ``lengths/{chosen,rejected}``,
+``margin_reached``; eval the same under ``eval/``.
 """
 
 from __future__ import annotations
 
 PAIR_KEYS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-    "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected", "margin_reached",
+    "logps/chosen", "logps/rejected", "logps/accuracies", "lengths/chosen", "lengths/rejected", "margin_reached",
 )
 
 
@@ -30,6 +31,9 @@ def pair_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_l
         "rewards/accuracies": (margins > 0).float(),
         "logps/chosen": chosen_logps.detach().float(),
         "logps/rejected": rejected_logps.detach().float(),
+        # Likelihood ranking: average log-prob of chosen above rejected. For SimPO it
+        # equals rewards/accuracies; for DPO it does not (the paper's diagnostic).
+        "logps/accuracies": (chosen_logps.detach() > rejected_logps.detach()).float(),
         "lengths/chosen": chosen_len.float(),
         "lengths/rejected": rejected_len.float(),
         "margin_reached": (margins >= gamma).float(),

@@ -93,37 +93,48 @@ def progress_callback(run_dir: str, total_steps: int):
     return Progress()
 
 
-def train(cfg: RunConfig):
-    """Run (or resume) one SimPO training run. Returns (ray Result, summary dict)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def prepare(cfg: RunConfig) -> dict:
+    """Ray up, data read/validated/tokenized once, the plan computed.
 
+    Returns {"datasets": {"train", ["eval"]}, "plan": dict, "stats": dict}. A sweep
+    calls this once and hands the same datasets to every trial.
+    """
     from simpo_ray.data import prepare_datasets
     from simpo_ray.engine import resolve_model_path
-    from simpo_ray.worker import train_loop_per_worker
 
-    cfg.validate()
-    run_dir = cfg.output.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    started = time.time()
     init_ray(cfg)
-
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
     data = prepare_datasets(cfg, model_path)
     stats = data["stats"]
     plan = make_plan(cfg, stats, model_path, has_eval=data["eval"] is not None)
+    datasets = {"train": data["train"]}
+    if data["eval"] is not None:
+        datasets["eval"] = data["eval"]
+    from simpo_ray.objective import NEEDS_REFERENCE
+
+    if cfg.simpo.loss in NEEDS_REFERENCE:
+        from simpo_ray.reference import add_reference_logps
+
+        print(f"[simpo-ray] loss '{cfg.simpo.loss}' needs reference log-probs: one pass over the data")
+        datasets = {k: add_reference_logps(v, cfg, model_path, plan["pad_id"]) for k, v in datasets.items()}
     print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
           f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
     print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
           f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
-          f"{plan['steps_per_epoch']} steps/epoch, {plan['total_steps']} steps; run folder {run_dir}")
+          f"{plan['steps_per_epoch']} steps/epoch, {plan['total_steps']} steps")
+    return {"datasets": datasets, "plan": plan, "stats": stats}
+
+
+def make_trainer(cfg: RunConfig, datasets: dict, plan: dict, callbacks: list, storage_path: str,
+                 name: str):
+    """The TorchTrainer for one run: N DeepSpeed workers over gloo (CPU) or NCCL (GPU)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from simpo_ray.worker import train_loop_per_worker
 
     t = cfg.train
-    datasets = {"train": data["train"]}
-    if data["eval"] is not None:
-        datasets["eval"] = data["eval"]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "plan": plan},
         scaling_config=ray.train.ScalingConfig(
@@ -132,11 +143,26 @@ def train(cfg: RunConfig):
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets=datasets,
         run_config=ray.train.RunConfig(
-            name=cfg.output.name, storage_path=str(run_dir.parent),
+            name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            callbacks=[progress_callback(str(run_dir), plan["total_steps"])]),
+            callbacks=callbacks),
     )
+
+
+def train(cfg: RunConfig):
+    """Run (or resume) one SimPO training run. Returns (ray Result, summary dict)."""
+    cfg.validate()
+    run_dir = cfg.output.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    started = time.time()
+    prepared = prepare(cfg)
+    plan, stats = prepared["plan"], prepared["stats"]
+    print(f"[simpo-ray] run folder {run_dir}")
+    trainer = make_trainer(cfg, prepared["datasets"], plan,
+                           [progress_callback(str(run_dir), plan["total_steps"])],
+                           storage_path=str(run_dir.parent), name=cfg.output.name)
     result = trainer.fit()
     summary = {
         "run_dir": str(run_dir), "total_steps": plan["total_steps"],

@@ -36,7 +36,9 @@ def train_loop_per_worker(config: dict) -> None:
     micro_per_epoch = plan["steps_per_epoch"] * t.grad_accum_steps
 
     if state["step"] == 0 and eval_shard is not None:  # the baseline the curve starts from
-        ray.train.report({"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]})
+        baseline = {"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]}
+        collapse_alarm(baseline, state, cfg.simpo.chosen_logp_alarm, rank)
+        ray.train.report(baseline)
     step, sums, tokens, clock = state["step"], {}, 0, time.perf_counter()
     for epoch in range(state["epoch"], t.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
@@ -45,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
             if micro <= skip:  # resume: these micro-batches were trained before the checkpoint
                 continue
-            loss, pair_sums, n_tokens = simpo_forward(engine, batch, cfg, plan)
+            loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan)
             engine.backward(loss)
             engine.step()
             metrics.add_sums(sums, pair_sums)
@@ -61,9 +63,10 @@ def train_loop_per_worker(config: dict) -> None:
                 report.update(evaluate(engine, eval_shard, cfg, plan))
             report["rank_micro_batches"] = micro + epoch * micro_per_epoch
             report.update(plan["margin"])  # gamma and gamma_beta_ratio, both logged
+            collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, rank)
             save_now = step % t.checkpoint_every == 0 or last
-            ckpt_state = {"step": step, "epoch": epoch if micro < micro_per_epoch else epoch + 1,
-                          "micro": micro if micro < micro_per_epoch else 0}
+            ckpt_state = dict(state, step=step, epoch=epoch if micro < micro_per_epoch else epoch + 1,
+                              micro=micro if micro < micro_per_epoch else 0)
             report_and_checkpoint(engine, report, ckpt_state if save_now else None)
             sums, tokens, clock = {}, 0, time.perf_counter()
 
@@ -95,52 +98,55 @@ def iter_train(shard, cfg: RunConfig, epoch: int):
         local_shuffle_seed=cfg.data.seed * 1000 + epoch if cfg.data.shuffle else None)
 
 
-def pair_logps(engine, batch: dict, plan: dict):
-    """One forward of chosen+rejected. Returns (avg_logps (2B,), n_tokens (2B,), labels)."""
+def forward_batch(engine, batch: dict, cfg: RunConfig, plan: dict):
+    """One forward of chosen+rejected -> (loss, metric sums, non-pad tokens)."""
+    import torch
+
     from simpo_ray.collate import collate_numpy_batch
-    from simpo_ray.logps import sequence_logps, token_counts
+    from simpo_ray.objective import objective
 
     b = collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
     b = {k: v.to(engine.device) for k, v in b.items()}
-    logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, b["labels"], average=True), token_counts(b["labels"]), b
-
-
-def simpo_forward(engine, batch: dict, cfg: RunConfig, plan: dict):
-    """Loss (mean over pairs, + optional SFT term) and the per-pair metric sums."""
-    from simpo_ray.losses import sft_loss, simpo_loss
-
-    s = cfg.simpo
-    avg, counts, b = pair_logps(engine, batch, plan)
-    n = avg.shape[0] // 2
-    losses, cr, rr = simpo_loss(avg[:n], avg[n:], beta=s.beta, gamma_beta_ratio=s.gamma_beta_ratio,
-                                gamma=s.gamma, loss_type=s.loss_type, label_smoothing=s.label_smoothing)
-    loss = losses.mean()
-    if s.sft_weight:
-        loss = loss + s.sft_weight * sft_loss(avg[:n]).mean()
-    sums = metrics.pair_sums(losses, cr, rr, avg[:n], avg[n:], counts[:n], counts[n:], s.resolved_gamma)
-    return loss, sums, int(b["attention_mask"].sum())
+    sums, counts = engine(b["input_ids"], b["attention_mask"], b["labels"])
+    ref = None
+    if "ref_chosen_logps" in batch:  # precomputed once by the reference pass
+        ref = torch.as_tensor(list(batch["ref_chosen_logps"]) + list(batch["ref_rejected_logps"]),
+                              dtype=sums.dtype, device=sums.device)
+    loss, pair_sums = objective(cfg.simpo, sums, counts, ref)
+    return loss, pair_sums, int(b["attention_mask"].sum())
 
 
 def evaluate(engine, shard, cfg: RunConfig, plan: dict) -> dict:
     """Held-out pairs, no grad. Same keys as training under ``eval/``."""
     import torch
 
-    from simpo_ray.losses import simpo_loss
-
-    s, sums = cfg.simpo, {}
+    sums = {}
     engine.eval()
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
-            avg, counts, _ = pair_logps(engine, batch, plan)
-            n = avg.shape[0] // 2
-            losses, cr, rr = simpo_loss(avg[:n], avg[n:], beta=s.beta, gamma_beta_ratio=s.gamma_beta_ratio,
-                                        gamma=s.gamma, loss_type=s.loss_type,
-                                        label_smoothing=s.label_smoothing)
-            metrics.add_sums(sums, metrics.pair_sums(losses, cr, rr, avg[:n], avg[n:], counts[:n],
-                                                     counts[n:], s.resolved_gamma))
+            metrics.add_sums(sums, forward_batch(engine, batch, cfg, plan)[1])
     engine.train()
     return metrics.to_metrics(metrics.all_reduce_sums(sums), prefix="eval/")
+
+
+def collapse_alarm(report: dict, state: dict, threshold, rank: int = 0) -> None:
+    """Flag (and print once) when the average chosen log-prob per token has fallen more
+    than ``threshold`` below its first value: likelihood collapse. Held-out numbers
+    are preferred when present. The first value is kept in the checkpoint state."""
+    key = "eval/logps/chosen" if "eval/logps/chosen" in report else "logps/chosen"
+    if threshold is None or key not in report:
+        return
+    start = state.setdefault("chosen_logp_start", {}).setdefault(key, report[key])
+    drop = start - report[key]
+    report["alarm/chosen_logp_drop"] = drop
+    report["alarm/chosen_logp_collapse"] = bool(drop > threshold)
+    if drop > threshold and not state.get("alarm_printed"):
+        state["alarm_printed"] = True
+        if rank:
+            return
+        print(f"[simpo-ray] WARNING: {key} fell {drop:.2f} nats/token from {start:.2f} to {report[key]:.2f} "
+              f"(simpo.chosen_logp_alarm={threshold}): likelihood collapse; consider a lower lr or "
+              "a larger gamma_beta_ratio / an sft_weight", flush=True)
 
 
 def step_report(engine, sums: dict, tokens: int, seconds: float, step: int, epoch: int) -> dict:

@@ -68,6 +68,8 @@ def test_export_matches_checkpoint_and_generates(first_run):
     exported = load_file(os.path.join(export, "model.safetensors"))
     ckpt = get_fp32_state_dict_from_zero_checkpoint(
         os.path.join(summary["run_dir"], "checkpoint_000004"), tag="deepspeed")
+    # DeepSpeed wraps PolicyLogps, whose .lm is the Hugging Face model
+    ckpt = {k.removeprefix("lm."): v for k, v in ckpt.items()}
     assert set(exported) == set(ckpt)
     for k in ckpt:
         assert torch.equal(exported[k], ckpt[k]), k
@@ -110,3 +112,18 @@ def test_strict_data_errors_stop_before_training(ray_local, tmp_path):
     msg = str(e.value)
     assert f"{bad}: row 2: chosen == rejected" in msg and f"{bad}: row 4: invalid JSON" in msg
     assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+
+
+def test_dpo_precomputes_reference_logps_and_starts_at_zero_margin(ray_local, tmp_path):
+    """DPO on the same machinery: the reference pass adds columns once; at step 0 the
+    policy equals the reference, so the held-out reward margin is zero."""
+    from simpo_ray.train import train
+
+    cfg = _cfg(tmp_path, **{"simpo.loss": "dpo", "simpo.beta": 0.1, "train.max_steps": 2,
+                            "output.name": "dpo", "output.export": "false"})
+    _, summary = train(cfg)
+    baseline, *lines = _lines(summary["run_dir"])
+    assert abs(baseline["eval/rewards/margins"]) < 1e-5
+    assert abs(lines[0]["rewards/margins"]) < 1e-5  # step 1's forward ran before any update
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    assert "logps/accuracies" in lines[0] and "alarm/chosen_logp_drop" in lines[0]
