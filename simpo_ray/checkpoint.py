@@ -10,6 +10,7 @@ folder (safetensors, tokenizer, model card) to the run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,29 +22,113 @@ STATE_FILE = "trainer_state.json"
 
 
 def save(engine, state: dict) -> tuple:
-    """Write this rank's shard; returns (ray Checkpoint, temp dir to delete after report)."""
+    """Write this rank's shard, its RNG state and a manifest (size + sha256 of every
+    file it wrote); returns (ray Checkpoint, temp dir to delete after report)."""
+    import torch
     from ray.train import Checkpoint
 
+    rank = engine.global_rank
     tmp = tempfile.mkdtemp(prefix="simpo-ckpt-")
     engine.save_checkpoint(tmp, tag=TAG, client_state={"simpo": state})
-    if engine.global_rank == 0:
+    if rank == 0:
         Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    Path(tmp, "rng").mkdir()
+    torch.save(rng, Path(tmp, "rng", f"rank{rank}.pt"))
+    files = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file())
+    manifest = {f: {"size": os.path.getsize(Path(tmp, f)), "sha256": _sha256(Path(tmp, f))} for f in files}
+    Path(tmp, "manifest").mkdir()
+    Path(tmp, "manifest", f"rank{rank}.json").write_text(json.dumps(manifest, indent=0))
     return Checkpoint.from_directory(tmp), tmp
 
 
-def restore(engine) -> dict | None:
-    """Load the latest Ray checkpoint into the engine; returns its saved state or None."""
-    import ray.train
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+
+def verify(directory: str, rank: int, world_size: int) -> str | None:
+    """None if the checkpoint is whole, else the reason. Every rank checks that all
+    ranks' manifests are there and sizes match, and hashes its own files."""
+    root = Path(directory)
+    manifests = sorted((root / "manifest").glob("rank*.json"))
+    if len(manifests) != world_size:
+        return f"{len(manifests)} rank manifests, expected {world_size}"
+    for m in manifests:
+        try:
+            entries = json.loads(m.read_text())
+        except (OSError, ValueError) as e:
+            return f"unreadable {m.name}: {e}"
+        own = m.name == f"rank{rank}.json"
+        for name, meta in entries.items():
+            p = root / name
+            if not p.is_file() or p.stat().st_size != meta["size"]:
+                return f"{name}: missing or wrong size"
+            if own and _sha256(p) != meta["sha256"]:
+                return f"{name}: sha256 mismatch"
+    return None
+
+
+def _candidates(latest):
+    """The latest checkpoint, then older siblings in the same run folder, newest first."""
+    from ray.train import Checkpoint
+
+    yield latest
+    parent, name = os.path.split(latest.path.rstrip("/"))
+    try:
+        from pyarrow.fs import FileSelector
+
+        infos = latest.filesystem.get_file_info(FileSelector(parent))
+    except Exception:  # noqa: BLE001 - listing is best effort; the latest was tried
+        return
+    older = sorted((i.path for i in infos if os.path.basename(i.path).startswith("checkpoint_")
+                    and os.path.basename(i.path) < name), reverse=True)
+    for path in older:
+        yield Checkpoint(path, filesystem=latest.filesystem)
+
+
+def restore(engine) -> dict | None:
+    """Load the newest whole checkpoint into the engine; returns its saved state or None.
+
+    A checkpoint that fails verification on any rank is skipped with a warning naming
+    it, and the next older one is tried. Collective: every rank must call it.
+    """
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return None
-    with ckpt.as_directory() as d:
-        path, client = engine.load_checkpoint(d, tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"checkpoint {ckpt.path} holds no DeepSpeed state under '{TAG}'")
-    return client["simpo"]
+    rank, world = engine.global_rank, dist.get_world_size()
+    for ckpt in _candidates(latest):
+        with ckpt.as_directory() as d:
+            problem = verify(d, rank, world)
+            bad = torch.tensor([0 if problem is None else 1])
+            dist.all_reduce(bad)  # all ranks must agree on the checkpoint they load
+            if int(bad):
+                if problem or rank == 0:
+                    print(f"[simpo-ray] WARNING: checkpoint {ckpt.path} is damaged "
+                          f"({problem or 'found by another rank'}); trying an older one", flush=True)
+                continue
+            path, client = engine.load_checkpoint(d, tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"checkpoint {ckpt.path} holds no DeepSpeed state under '{TAG}'")
+            rng = torch.load(Path(d, "rng", f"rank{rank}.pt"), weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            if ckpt is not latest and rank == 0:
+                print(f"[simpo-ray] resumed from {ckpt.path} instead of the damaged latest", flush=True)
+            return client["simpo"]
+    raise RuntimeError(f"no whole checkpoint found at or before {latest.path}; "
+                       "delete the run folder to start over")
 
 
 def gather_state_dict(engine) -> dict | None:

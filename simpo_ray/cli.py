@@ -20,12 +20,48 @@ def _train(args) -> int:
     result, summary = train(cfg)
     m = summary["final_metrics"] or {}
     keys = ("step", "loss", "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins")
-    print("[simpo-ray] done in {:.0f} s: ".format(summary["wall_s"])
+    verb = "done" if summary["finished"] else "stopped early (rerun to continue)"
+    print(f"[simpo-ray] {verb} after " + "{:.0f} s: ".format(summary["wall_s"])
           + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m))
-    if summary["export_dir"]:
+    if summary["export_dir"] and summary["finished"]:
         print(f"[simpo-ray] model: {summary['export_dir']}")
     print(f"[simpo-ray] run folder: {summary['run_dir']}")
     return 0
+
+
+def _tune(args) -> int:
+    from simpo_ray.sweep import describe, load_spec, run_sweep
+
+    spec = load_spec(args.sweep, args.overrides)
+    print("[simpo-ray] resolved sweep:\n" + describe(spec), flush=True)
+    if args.dry_run:
+        return 0
+    summary = run_sweep(spec, address=args.address)
+    return 0 if summary.get("best") else 1
+
+
+def _plan(args) -> int:
+    from simpo_ray.planner import run_plan
+
+    return run_plan(args)
+
+
+def _scale(args) -> int:
+    from simpo_ray.scale import run_scale_cli
+
+    return run_scale_cli(args)
+
+
+def _data(args) -> int:
+    from simpo_ray.data import DataError
+    from simpo_ray.inspect_data import run
+
+    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    try:
+        return run(cfg, histogram=args.histogram, as_json=args.json)
+    except DataError as e:
+        print(f"simpo-ray: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:
@@ -39,6 +75,43 @@ def main(argv=None) -> int:
     t.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     t.set_defaults(fn=_train)
+    s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (ASHA) over training runs",
+                       description="Run the sweep file (see tune/); key=value overrides set sweep fields "
+                                   "(num_samples=4, scheduler.grace_period=2, search_space.optim.lr=...) or, "
+                                   "for any other key, the base training config (train.max_steps=8). "
+                                   "Rerunning the same command resumes an interrupted sweep.")
+    s.add_argument("sweep", help="sweep YAML (see tune/)")
+    s.add_argument("overrides", nargs="*", help="key=value, e.g. num_samples=4 train.max_steps=8")
+    s.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved sweep and stop")
+    s.set_defaults(fn=_tune)
+    from simpo_ray import planner, scale
+
+    pl = sub.add_parser("plan", help="per-GPU and host memory of a config on a cluster; does it fit?",
+                        description="Estimate per-GPU memory (parameters, gradients, optimizer states, "
+                                    "activations, logits head) and host RAM per node (ZeRO-3 loading, offload) "
+                                    "for CONFIG on NODES x GPUS; exit 0 if it fits, 1 if not (with the smallest "
+                                    "change that fits). Offline: no weights are read.")
+    planner.add_arguments(pl)
+    pl.set_defaults(fn=_plan)
+    sc = sub.add_parser("scale", help="the same short training for a ladder of model sizes; CSV + log-log PNG",
+                        description="Train CONFIG's architecture at each of --sizes for a few steps and record "
+                                    "parameters, tokens/s and step time per worker, peak memory, MFU and "
+                                    "checkpoint size.")
+    scale.add_arguments(sc)
+    sc.set_defaults(fn=_scale)
+    dp = sub.add_parser("data", help="inspect the training data of a config",
+                        description="Data tools. `data inspect CONFIG.yaml`: rows dropped per reason, token-length "
+                                    "percentiles, share truncated, padding waste, and a length histogram PNG; "
+                                    "exit 1 when a strict run would stop on malformed rows.")
+    dsub = dp.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="counts per reason, length percentiles, histogram PNG",
+                         description="Scan the config's train/eval data with the training tokenizer and rules.")
+    di.add_argument("config", help="YAML config (see examples/)")
+    di.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.strict=false")
+    di.add_argument("--histogram", help="PNG path (default: the run folder's data_lengths.png)")
+    di.add_argument("--json", action="store_true", help="print the report as JSON")
+    di.set_defaults(fn=_data)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -70,30 +70,59 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # JSONL or Parquet files (a path, a glob, or a list of them).
+    # JSONL / JSON / Parquet / CSV files, globs, folders, datasets.save_to_disk folders,
+    # or Hugging Face hub names (hf://owner/name@split); a path or a list of them.
     train_files: Union[str, list] = "examples/data/preferences.jsonl"
     # Held-out pairs: a separate file, or else a seeded fraction of the training rows.
     eval_files: Optional[Union[str, list]] = None
     eval_fraction: float = 0.1
+    # Take the same share of eval prompts from every response-length quartile.
+    eval_stratify: bool = False
     max_length: int = 2048
     max_prompt_length: int = 1800
+    # Other column names: {prompt: question, chosen: good, rejected: bad}.
+    column_map: dict = field(default_factory=dict)
     # strict: a malformed row stops the run naming file, row and reason.
     # lenient: such rows are dropped and counted per reason.
     strict: bool = True
     seed: int = 0
     shuffle: bool = True
+    # Rows each worker mixes per epoch (a seeded local shuffle on top of one global shuffle).
+    shuffle_buffer_size: int = 1024
+    # Padding-free batches: several sequences per row, attention kept within each sequence.
+    packing: bool = False
+    # Longest packed row in tokens (null: max_length).
+    pack_max_tokens: Optional[int] = None
+    # Token-budget batching: micro-batches hold as many whole pairs as fit in this many
+    # tokens (chosen + rejected, prompts counted twice) instead of a fixed pair count.
+    token_budget: Optional[int] = None
 
     def validate(self, path: str) -> None:
         if not self.train_files:
             raise ConfigError(f"{path}.train_files", "must name at least one file")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"{path}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_stratify and (self.eval_files or self.eval_fraction == 0):
+            raise ConfigError(f"{path}.eval_stratify", "stratifies the eval_fraction split; "
+                                                       "set eval_fraction > 0 and no eval_files")
         _positive(f"{path}.max_length", self.max_length)
         _positive(f"{path}.max_prompt_length", self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"{path}.max_prompt_length",
                               f"({self.max_prompt_length}) must be below max_length ({self.max_length}) "
                               "so every completion keeps at least one token")
+        for k, v in self.column_map.items():
+            if k not in ("prompt", "chosen", "rejected"):
+                raise ConfigError(f"{path}.column_map.{k}", "keys are prompt, chosen, rejected")
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"{path}.column_map.{k}", f"must be a column name, got {v!r}")
+        _positive(f"{path}.shuffle_buffer_size", self.shuffle_buffer_size)
+        if self.pack_max_tokens is not None and self.pack_max_tokens < self.max_length:
+            raise ConfigError(f"{path}.pack_max_tokens", f"({self.pack_max_tokens}) must be >= max_length "
+                                                         f"({self.max_length}) so every sequence fits a row")
+        if self.token_budget is not None and self.token_budget < 2 * self.max_length:
+            raise ConfigError(f"{path}.token_budget", f"({self.token_budget}) must be >= 2 x max_length "
+                                                      f"({2 * self.max_length}) so every pair fits")
 
 
 @dataclass
@@ -182,14 +211,22 @@ class TrainConfig:
     eval_every: int = 10
     checkpoint_every: int = 50
     seed: int = 42
-    max_failures: int = 0
+    # Worker failures survived by restarting from the last checkpoint.
+    max_failures: int = 2
+    # Stop (with a checkpoint, schedule unchanged) once this many steps are done; a
+    # rerun without it continues. For time-limited jobs.
+    stop_after: Optional[int] = None
+    # Consecutive non-finite losses / gradient norms tolerated (each one skipped).
+    max_bad_steps: int = 5
 
     def validate(self, path: str) -> None:
         for name in ("num_workers", "total_batch_size", "micro_batch_size", "epochs",
-                     "log_every", "eval_every", "checkpoint_every"):
+                     "log_every", "eval_every", "checkpoint_every", "max_bad_steps"):
             _positive(f"{path}.{name}", getattr(self, name))
         if self.max_steps is not None:
             _positive(f"{path}.max_steps", self.max_steps)
+        if self.stop_after is not None:
+            _positive(f"{path}.stop_after", self.stop_after)
         _positive(f"{path}.cpus_per_worker", self.cpus_per_worker)
         per_round = self.micro_batch_size * self.num_workers
         if self.total_batch_size % per_round:
@@ -226,11 +263,20 @@ class OutputConfig:
     name: str = "simpo"
     export: bool = True
     keep_checkpoints: int = 2
+    # Where Ray Train persists checkpoints (storage/name/checkpoint_*): a path every node
+    # sees, or a URI pyarrow.fs understands (s3://bucket/prefix, gs://..., file:///...).
+    # None: root. Resume reads from here too.
+    storage: Optional[str] = None
 
     def validate(self, path: str) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"{path}.name", f"must be a non-empty folder name, got {self.name!r}")
         _positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
+        if "://" in self.root:
+            raise ConfigError(f"{path}.root", f"must be a local or shared-mount path, got {self.root!r}; "
+                                              "put object-store URIs in output.storage")
+        if self.storage is not None and not self.storage:
+            raise ConfigError(f"{path}.storage", "must be a path or URI, or null")
 
     @property
     def run_dir(self) -> Path:
@@ -244,6 +290,15 @@ class RayConfig:
     # Logical CPUs declared for a local cluster. Ray Data only gets the CPUs Train does
     # not hold, so this is more than the workers need (see the runbook).
     num_cpus: Optional[int] = None
+    # The cluster this config is written for (nodes x GPUs per node); `simpo-ray plan`
+    # uses them as its defaults. Informational otherwise: train.num_workers is what runs.
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+
+    def validate(self, path: str) -> None:
+        for name in ("nodes", "gpus_per_node"):
+            if getattr(self, name) is not None:
+                _positive(f"{path}.{name}", getattr(self, name))
 
 
 @dataclass

@@ -7,14 +7,20 @@ Run folder (``output.root/output.name``): ``config.yaml`` (resolved), ``metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 from simpo_ray.config import RunConfig
+
+# Written by the driver on SIGTERM / Ctrl-C; workers then checkpoint and stop.
+STOP_FILE = "STOP"
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -65,6 +71,9 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "has_eval": has_eval,
         "pad_id": pad_id, "tiny_spec": dataclasses.asdict(cfg.model.tiny),
         "export_dir": str(cfg.output.run_dir / "model"),
+        "run_dir": str(cfg.output.run_dir), "stop_file": str(cfg.output.run_dir / STOP_FILE),
+        # Fault injection for tests: SIMPO_RAY_INJECT_NAN="epoch:micro,..." poisons those losses.
+        "inject_nan": [x for x in os.environ.get("SIMPO_RAY_INJECT_NAN", "").split(",") if x],
         "margin": {"gamma": cfg.simpo.resolved_gamma,
                    "gamma_beta_ratio": cfg.simpo.resolved_gamma_beta_ratio},
         "stats": {k: v for k, v in stats.items() if k != "files"},
@@ -150,6 +159,28 @@ def make_trainer(cfg: RunConfig, datasets: dict, plan: dict, callbacks: list, st
     )
 
 
+@contextlib.contextmanager
+def graceful_stop(stop_file: Path):
+    """First SIGTERM / Ctrl-C: ask the workers to checkpoint and stop (they poll the
+    stop file every step). A second Ctrl-C interrupts at once."""
+    def ask(signum, frame):
+        if stop_file.exists() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_file.write_text(str(signum))
+        print(f"[simpo-ray] {signal.Signals(signum).name}: checkpointing and stopping at the next step "
+              "(Ctrl-C again to abort)", flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals can only be handled on the main thread
+        return
+    old = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: RunConfig):
     """Run (or resume) one SimPO training run. Returns (ray Result, summary dict)."""
     cfg.validate()
@@ -157,14 +188,19 @@ def train(cfg: RunConfig):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     started = time.time()
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to one invocation
     prepared = prepare(cfg)
     plan, stats = prepared["plan"], prepared["stats"]
     print(f"[simpo-ray] run folder {run_dir}")
     trainer = make_trainer(cfg, prepared["datasets"], plan,
                            [progress_callback(str(run_dir), plan["total_steps"])],
-                           storage_path=str(run_dir.parent), name=cfg.output.name)
-    result = trainer.fit()
+                           storage_path=cfg.output.storage or str(run_dir.parent), name=cfg.output.name)
+    with graceful_stop(run_dir / STOP_FILE):
+        result = trainer.fit()
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    done = (result.metrics or {}).get("step", 0) >= plan["total_steps"]
     summary = {
+        "finished": done,
         "run_dir": str(run_dir), "total_steps": plan["total_steps"],
         "final_metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "export_dir": plan["export_dir"] if cfg.output.export else None,

@@ -7,6 +7,8 @@ forwards and ``ray.train.report`` are collectives: a rank that skips one hangs t
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import time
 
@@ -25,10 +27,11 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_worker_logs()
     configure_threads(t.cpus_per_worker)
     torch.manual_seed(t.seed)
+    rank = ray.train.get_context().get_world_rank()
+    write_pid_file(plan["run_dir"], rank)
     model_path = resolve_model_path(cfg.model.name_or_path, plan["tiny_spec"])
     engine, _ = build_engine(cfg, model_path, plan["total_steps"])
-    state = checkpoint.restore(engine) or {"step": 0, "epoch": 0, "micro": 0}
-    rank = ray.train.get_context().get_world_rank()
+    state = checkpoint.restore(engine) or {"step": 0, "epoch": 0, "micro": 0, "skipped_micro_batches": 0}
     if rank == 0 and state["step"]:
         print(f"[simpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, micro-batch {state['micro']})")
     train_shard = ray.train.get_dataset_shard("train")
@@ -39,15 +42,22 @@ def train_loop_per_worker(config: dict) -> None:
         baseline = {"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]}
         collapse_alarm(baseline, state, cfg.simpo.chosen_logp_alarm, rank)
         ray.train.report(baseline)
-    step, sums, tokens, clock = state["step"], {}, 0, time.perf_counter()
+    step = reported = state["step"]
+    sums, tokens, clock, bad_streak, stop = {}, 0, time.perf_counter(), 0, False
     for epoch in range(state["epoch"], t.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
         for micro, batch in enumerate(iter_train(train_shard, cfg, epoch), start=1):
-            if micro > micro_per_epoch or step >= plan["total_steps"]:
+            if micro > micro_per_epoch or step >= plan["total_steps"] or stop:
                 break
             if micro <= skip:  # resume: these micro-batches were trained before the checkpoint
                 continue
             loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan)
+            if not agree(torch.isfinite(loss).item() and f"{epoch}:{micro}" not in plan["inject_nan"]):
+                # Dropped on every rank before backward: parameters and the gradient
+                # accumulation window are untouched; the next micro-batch takes its place.
+                state["skipped_micro_batches"] += 1
+                bad_streak = check_bad_streak(bad_streak + 1, t.max_bad_steps, step, epoch, micro, batch)
+                continue
             engine.backward(loss)
             engine.step()
             metrics.add_sums(sums, pair_sums)
@@ -55,26 +65,80 @@ def train_loop_per_worker(config: dict) -> None:
             if engine.global_steps == step:  # still accumulating gradients
                 continue
             step = engine.global_steps
+            grad_ok = math.isfinite(float(engine.get_global_grad_norm() or 0.0))  # DeepSpeed skipped it if not
+            bad_streak = 0 if grad_ok else check_bad_streak(bad_streak + 1, t.max_bad_steps, step, epoch, micro, batch)
+            stop = should_stop(plan, t, step)
             last = step >= plan["total_steps"]
-            if step % t.log_every and step % t.eval_every and step % t.checkpoint_every and not last:
+            if step % t.log_every and step % t.eval_every and step % t.checkpoint_every and not (last or stop):
                 continue
             report = step_report(engine, sums, tokens, time.perf_counter() - clock, step, epoch)
             if eval_shard is not None and (step % t.eval_every == 0 or last):
                 report.update(evaluate(engine, eval_shard, cfg, plan))
-            report["rank_micro_batches"] = micro + epoch * micro_per_epoch
-            report.update(plan["margin"])  # gamma and gamma_beta_ratio, both logged
+            report.update(plan["margin"], rank_micro_batches=micro + epoch * micro_per_epoch,
+                          skipped_micro_batches=state["skipped_micro_batches"],
+                          skipped_steps=int(engine.skipped_steps))
             collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, rank)
-            save_now = step % t.checkpoint_every == 0 or last
-            ckpt_state = dict(state, step=step, epoch=epoch if micro < micro_per_epoch else epoch + 1,
-                              micro=micro if micro < micro_per_epoch else 0)
-            report_and_checkpoint(engine, report, ckpt_state if save_now else None)
-            sums, tokens, clock = {}, 0, time.perf_counter()
+            state.update(step=step, epoch=epoch if micro < micro_per_epoch else epoch + 1,
+                         micro=micro if micro < micro_per_epoch else 0)
+            save_now = step % t.checkpoint_every == 0 or last or stop
+            report_and_checkpoint(engine, report, dict(state) if save_now else None)
+            reported, sums, tokens, clock = step, {}, 0, time.perf_counter()
+    if step > reported:  # dropped micro-batches ended the data before the last planned step
+        state.update(step=step, epoch=t.epochs, micro=0)
+        report = step_report(engine, sums, tokens, time.perf_counter() - clock, step, t.epochs - 1)
+        report_and_checkpoint(engine, dict(report, **plan["margin"]), dict(state))
 
+    if stop and step < plan["total_steps"]:
+        if rank == 0:
+            print(f"[simpo-ray] stopped at step {step} with a checkpoint; rerun the same command to continue")
+        return
     if cfg.output.export:
         card = checkpoint.model_card(cfg.to_dict(), plan["stats"], {"step": step})
         path = checkpoint.export(engine, model_path, plan["export_dir"], card)
         if rank == 0:
             print(f"[simpo-ray] exported Hugging Face model to {path}")
+
+
+def agree(ok: bool) -> bool:
+    """True only if ``ok`` on every rank (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
+def should_stop(plan: dict, t, step: int) -> bool:
+    """Stop early with a checkpoint: ``train.stop_after`` reached, or the driver asked
+    (it writes the stop file on SIGTERM / Ctrl-C). Rank 0 looks; everyone agrees."""
+    import torch.distributed as dist
+
+    asked = bool(t.stop_after and step >= t.stop_after)
+    if dist.get_rank() == 0:
+        asked = asked or os.path.exists(plan["stop_file"])
+    return not agree(not asked)
+
+
+def check_bad_streak(streak: int, limit: int, step: int, epoch: int, micro: int, batch: dict) -> int:
+    """Count consecutive non-finite micro-batches / steps; stop the run at ``limit``."""
+    if streak >= limit:
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                   zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]
+        rows = list(zip(batch["source"], batch["row"])) if "source" in batch else "n/a"
+        raise FloatingPointError(
+            f"{streak} consecutive non-finite losses or gradient norms (train.max_bad_steps={limit}) at "
+            f"step {step}, epoch {epoch}, micro-batch {micro}; last batch rows {rows}, token lengths {lengths}. "
+            "Lower optim.lr, check the data, or resume from the last checkpoint.")
+    return streak
+
+
+def write_pid_file(run_dir: str, rank: int) -> None:
+    """run_dir/workers/rank{r}.pid: lets an operator (or a fault test) find a worker."""
+    d = os.path.join(run_dir, "workers")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
 
 
 def quiet_worker_logs() -> None:

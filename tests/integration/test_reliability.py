@@ -1,0 +1,139 @@
+"""Faults on CPU with real Ray Train + DeepSpeed ZeRO-3 (2 workers): exact resume,
+a killed worker, a damaged checkpoint, poisoned losses, and a graceful stop."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_train import _cfg, _lines
+
+pytestmark = pytest.mark.slow
+
+
+def _train_lines(run_dir):
+    return [m for m in _lines(run_dir) if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def straight(ray_local, tmp_path_factory):
+    """6 steps in one go: the reference for exact resume."""
+    from simpo_ray.train import train
+
+    root = tmp_path_factory.mktemp("straight")
+    _, summary = train(_cfg(root, **{"train.max_steps": 6, "output.name": "straight",
+                                     "train.checkpoint_every": 3, "output.export": "false"}))
+    return _train_lines(summary["run_dir"])
+
+
+def test_stop_and_resume_reproduce_the_uninterrupted_losses(straight, tmp_path):
+    from simpo_ray.train import train
+
+    common = {"train.max_steps": 6, "output.name": "resumed", "train.checkpoint_every": 3,
+              "output.export": "false"}
+    _, s1 = train(_cfg(tmp_path, **common, **{"train.stop_after": 3}))
+    assert not s1["finished"] and s1["final_metrics"]["step"] == 3
+    _, s2 = train(_cfg(tmp_path, **common))
+    assert s2["finished"]
+    resumed = _train_lines(s2["run_dir"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert a["step"] == b["step"]
+        assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6), (a["step"], a["loss"], b["loss"])
+        assert math.isclose(a["lr"], b["lr"], rel_tol=1e-12)
+
+    # Damage the newest checkpoint: the next rerun must warn, fall back to step 3 and redo 4-6.
+    ckpt6 = Path(s2["run_dir"]) / "checkpoint_000006" / "deepspeed"
+    shard = sorted(ckpt6.glob("*optim_states.pt"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _, s3 = train(_cfg(tmp_path, **common))
+    again = _train_lines(s3["run_dir"])[6:]
+    assert [m["step"] for m in again] == [4, 5, 6]
+    for a, b in zip(straight[3:], again):  # same numbers: same data position, RNG, optimizer
+        assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6)
+
+
+def test_poisoned_losses_are_skipped_and_counted(ray_local, tmp_path, monkeypatch):
+    from simpo_ray.train import train
+
+    monkeypatch.setenv("SIMPO_RAY_INJECT_NAN", "0:3,0:4")
+    _, s = train(_cfg(tmp_path, **{"train.max_steps": 4, "output.name": "nan", "output.export": "false"}))
+    lines = _train_lines(s["run_dir"])
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    assert lines[-1]["skipped_micro_batches"] == 2
+    # the two dropped micro-batches were replaced by the next ones
+    assert lines[-1]["ranks_micro_batches"] == [4 * 2 + 2] * 2
+
+
+def test_consecutive_bad_steps_stop_the_run_with_a_diagnostic(ray_local, tmp_path, monkeypatch):
+    from simpo_ray.train import train
+
+    monkeypatch.setenv("SIMPO_RAY_INJECT_NAN", "0:1,0:2,0:3")
+    with pytest.raises(Exception) as e:
+        train(_cfg(tmp_path, **{"train.max_steps": 4, "output.name": "nan3", "train.max_bad_steps": 3,
+                                "train.max_failures": 0, "output.export": "false"}))
+    assert "3 consecutive non-finite" in str(e.value)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
+    from simpo_ray.train import train
+
+    cfg = _cfg(tmp_path, **{"train.max_steps": 14, "output.name": "kill", "train.checkpoint_every": 2,
+                            "output.export": "false", "train.max_failures": 1})
+    run_dir = Path(cfg.output.run_dir)
+    out = {}
+    th = threading.Thread(target=lambda: out.update(summary=train(cfg)[1]), daemon=True)
+    th.start()
+    deadline = time.time() + 240
+    killed_after = None
+    while time.time() < deadline and killed_after is None:
+        time.sleep(0.05)
+        steps = [m["step"] for m in _train_lines(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+        if steps and steps[-1] >= 3:
+            os.kill(int((run_dir / "workers" / "rank1.pid").read_text()), signal.SIGKILL)
+            killed_after = steps[-1]
+    assert killed_after is not None, "the run never reached step 3"
+    th.join(timeout=300)
+    assert out["summary"]["finished"]
+    steps = [m["step"] for m in _train_lines(run_dir)]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    last_ckpt = [m["step"] for m in _lines(run_dir)[: restart + 1] if m.get("checkpoint")][-1]
+    assert steps[restart] == last_ckpt + 1  # continued right after the last checkpoint
+    assert steps[:restart] == list(range(1, steps[restart - 1] + 1))
+    assert steps[restart:] == list(range(last_ckpt + 1, 15))  # nothing lost after it
+
+
+def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
+    """The real command in its own process and Ray cluster."""
+    from tests.conftest import REPO
+
+    args = [sys.executable, "-m", "simpo_ray.cli", "train", os.path.join(REPO, "examples", "tiny_cpu.yaml"),
+            f"output.root={tmp_path}", "output.name=term", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
+            "model.tiny.num_heads=2", "model.tiny.intermediate_size=128", "train.max_steps=60",
+            "train.log_every=1", "train.checkpoint_every=50", "output.export=false", "ray.num_cpus=4"]
+    run_dir = tmp_path / "term"
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            time.sleep(0.2)
+            if (run_dir / "metrics.jsonl").exists() and len(_train_lines(run_dir)) >= 2:
+                break
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped early" in output
+    lines = _train_lines(run_dir)
+    assert lines[-1]["step"] < 60 and lines[-1].get("checkpoint")
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] is False
