@@ -43,9 +43,29 @@ def init_ray(cfg: RunConfig) -> None:
     # Ray Data only gets CPUs that Train does not hold: declare a few more logical CPUs
     # than the workers reserve, or the data stream starves (a silent hang).
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2)
-    # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train's
-    # placement-group cleaner and Tune over Train rely on.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    # A private cluster listens on loopback only: without this switch Ray rewrites
+    # 127.0.0.1 to the machine's interface address. The dashboard serves the state
+    # API that Ray Train's placement-group cleaner and Tune over Train rely on.
+    # The switch is read when ray is imported: set it for the processes ray.init
+    # starts, and for this process, which may have imported ray already.
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # The state API finds the dashboard by scanning the machine for clusters and fails
+    # when several run (parallel tests): every process of this one inherits its address.
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, _node_ip_address="127.0.0.1")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> dict:
