@@ -106,7 +106,7 @@ def build_engine(cfg, model_path: str, total_steps: int):
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code)
+        trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -144,3 +144,31 @@ def configure_threads(cpus: float) -> None:
     n = max(1, int(cpus))
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     torch.set_num_threads(n)
+
+
+def check_model_folder(path: str) -> None:
+    """Fail on the driver, before any worker starts, when a local model folder is
+    incomplete: no config, no weights, or shards named by the index but missing.
+    Only safetensors weights are accepted (no pickle is ever loaded)."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    if not root.is_dir():
+        return  # a hub name: transformers resolves (and checks) it
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {root}: config.json is missing")
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"model folder {root}: unreadable {index.name}: {e}") from None
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"model folder {root}: {len(missing)} of {len(shards)} shards missing "
+                                    f"(first: {missing[0]})")
+    elif not (root / "model.safetensors").is_file():
+        pickles = sorted(p.name for p in root.glob("*.bin"))
+        hint = f" (found {pickles[0]}: convert pickle weights to safetensors first)" if pickles else ""
+        raise FileNotFoundError(f"model folder {root}: no model.safetensors or sharded index{hint}")

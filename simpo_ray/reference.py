@@ -23,7 +23,8 @@ class ReferenceLogps:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         lm = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            use_safetensors=True)
         self.model = PolicyLogps(lm, chunk_size=chunk_size).to(self.device).eval().requires_grad_(False)
         self.pad_id = pad_id
 

@@ -129,10 +129,11 @@ def prepare(cfg: RunConfig) -> dict:
     calls this once and hands the same datasets to every trial.
     """
     from simpo_ray.data import prepare_datasets
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.engine import check_model_folder, resolve_model_path
 
     init_ray(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
+    check_model_folder(model_path)
     data = prepare_datasets(cfg, model_path)
     stats = data["stats"]
     plan = make_plan(cfg, stats, model_path, has_eval=data["eval"] is not None)
