@@ -10,6 +10,8 @@ from simpo_ray.config import ConfigError, RunConfig
 
 def _train(args) -> int:
     cfg = RunConfig.from_yaml(args.config, args.overrides)
+    if args.command == "sft":
+        cfg.simpo.loss = "sft"
     if args.address:
         cfg.ray.address = args.address
     print("[simpo-ray] resolved config:\n" + cfg.to_yaml(), flush=True)
@@ -19,7 +21,7 @@ def _train(args) -> int:
 
     result, summary = train(cfg)
     m = summary["final_metrics"] or {}
-    keys = ("step", "loss", "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins")
+    keys = ("step", "loss", "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/loss")
     verb = "done" if summary["finished"] else "stopped early (rerun to continue)"
     print(f"[simpo-ray] {verb} after " + "{:.0f} s: ".format(summary["wall_s"])
           + ", ".join(f"{k} {m[k]:.4g}" for k in keys if k in m))
@@ -75,6 +77,15 @@ def main(argv=None) -> int:
     t.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     t.set_defaults(fn=_train)
+    ft = sub.add_parser("sft", help="supervised fine-tuning on the chosen responses (same machinery)",
+                        description="The stage before SimPO for base models: completion-only NLL on the "
+                                    "chosen responses of the configured data; same config, workers, "
+                                    "checkpoints and export as `train` (simpo.loss is set to sft).")
+    ft.add_argument("config", help="YAML config (see examples/)")
+    ft.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=2e-5 output.name=sft")
+    ft.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    ft.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    ft.set_defaults(fn=_train)
     s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (ASHA) over training runs",
                        description="Run the sweep file (see tune/); key=value overrides set sweep fields "
                                    "(num_samples=4, scheduler.grace_period=2, search_space.optim.lr=...) or, "

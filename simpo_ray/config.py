@@ -22,6 +22,9 @@ import yaml
 OBJECTIVE = "eval/rewards/accuracies"
 
 LOSS_NAMES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
+# "sft": supervised fine-tuning on the chosen responses (the stage before SimPO for
+# base models); it runs on the same machinery, see ``simpo-ray sft``.
+OBJECTIVES = LOSS_NAMES + ("sft",)
 
 
 class ConfigError(ValueError):
@@ -91,7 +94,8 @@ class DataConfig:
     shuffle_buffer_size: int = 1024
     # Padding-free batches: several sequences per row, attention kept within each sequence.
     packing: bool = False
-    # Longest packed row in tokens (null: max_length).
+    # Longest packed row in tokens (null: 2 x max_length, under 3% padding on long-tailed
+    # data; see benchmarks/README.md). On GPU with flash-attn the worker packs one row.
     pack_max_tokens: Optional[int] = None
     # Token-budget batching: micro-batches hold as many whole pairs as fit in this many
     # tokens (chosen + rejected, prompts counted twice) instead of a fixed pair count.
@@ -124,6 +128,11 @@ class DataConfig:
             raise ConfigError(f"{path}.token_budget", f"({self.token_budget}) must be >= 2 x max_length "
                                                       f"({2 * self.max_length}) so every pair fits")
 
+    @property
+    def pack_row_tokens(self) -> int:
+        """The packed row budget in effect."""
+        return self.pack_max_tokens or 2 * self.max_length
+
 
 @dataclass
 class SimPOConfig:
@@ -146,7 +155,7 @@ class SimPOConfig:
     chosen_logp_alarm: Optional[float] = 1.5
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.loss", self.loss, LOSS_NAMES)
+        _choice(f"{path}.loss", self.loss, OBJECTIVES)
         _choice(f"{path}.loss_type", self.loss_type, ("sigmoid", "hinge"))
         _positive(f"{path}.beta", self.beta)
         if (self.gamma is None) == (self.gamma_beta_ratio is None):

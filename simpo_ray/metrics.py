@@ -43,6 +43,12 @@ def pair_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_l
     return out
 
 
+def sft_sums(losses, logps, lengths) -> dict:
+    """SFT rows (chosen responses only): loss, average log-prob and length sums."""
+    return {"loss": float(losses.detach().float().sum()), "logps/chosen": float(logps.detach().float().sum()),
+            "lengths/chosen": float(lengths.float().sum()), "pairs": float(losses.numel())}
+
+
 def add_sums(total: dict, more: dict) -> dict:
     for k, v in more.items():
         total[k] = total.get(k, 0.0) + v
@@ -65,7 +71,7 @@ def all_reduce_sums(sums: dict) -> dict:
 def to_metrics(sums: dict, prefix: str = "") -> dict:
     """Global sums -> means per pair, under ``prefix`` (e.g. "eval/")."""
     n = max(sums.get("pairs", 0.0), 1.0)
-    out = {f"{prefix}{k}": sums.get(k, 0.0) / n for k in PAIR_KEYS}
+    out = {f"{prefix}{k}": sums[k] / n for k in PAIR_KEYS if k in sums}
     out[f"{prefix}pairs"] = int(sums.get("pairs", 0))
     return out
 
@@ -73,12 +79,18 @@ def to_metrics(sums: dict, prefix: str = "") -> dict:
 def format_progress(m: dict, total_steps: int) -> str:
     """One human line per report."""
     if "loss" not in m:  # the step-0 baseline: eval only
-        return f"step {m['step']:>5}/{total_steps} | eval acc {m.get('eval/rewards/accuracies', float('nan')):.3f} (before training)"
-    parts = [f"step {m['step']:>5}/{total_steps}", f"loss {m['loss']:.4f}",
-             f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:+.3f}",
-             f"logp c/r {m['logps/chosen']:.3f}/{m['logps/rejected']:.3f}",
-             f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}",
-             f"{m['tokens_per_s']:.0f} tok/s"]
+        what = (f"eval acc {m['eval/rewards/accuracies']:.3f}" if "eval/rewards/accuracies" in m
+                else f"eval loss {m.get('eval/loss', float('nan')):.4f}")
+        return f"step {m['step']:>5}/{total_steps} | {what} (before training)"
+    parts = [f"step {m['step']:>5}/{total_steps}", f"loss {m['loss']:.4f}"]
+    if "rewards/accuracies" in m:
+        parts += [f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:+.3f}",
+                  f"logp c/r {m['logps/chosen']:.3f}/{m['logps/rejected']:.3f}"]
+    else:  # SFT
+        parts.append(f"logp {m['logps/chosen']:.3f}")
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s']:.0f} tok/s"]
     if "eval/rewards/accuracies" in m:
         parts.append(f"eval acc {m['eval/rewards/accuracies']:.3f}")
+    elif "eval/loss" in m:
+        parts.append(f"eval loss {m['eval/loss']:.4f}")
     return " | ".join(parts)

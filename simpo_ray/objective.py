@@ -46,7 +46,12 @@ def pair_losses(s, sums, counts, ref_sums=None):
 
 def objective(s, sums, counts, ref_sums=None):
     """Scalar loss to backpropagate (mean over pairs + sft_weight x NLL of chosen) and
-    the metric sums for ``simpo_ray.metrics``."""
+    the metric sums for ``simpo_ray.metrics``. For ``loss: sft`` the rows are chosen
+    responses only and the loss is their mean per-token NLL."""
+    if s.loss == "sft":
+        avg = sums / counts.to(sums.dtype)
+        losses = L.sft_loss(avg)
+        return losses.mean(), metrics.sft_sums(losses, avg, counts)
     losses, cr, rr, avg = pair_losses(s, sums, counts, ref_sums)
     n = losses.shape[0]
     loss = losses.mean()

@@ -170,6 +170,10 @@ def forward_batch(engine, batch: dict, cfg: RunConfig, plan: dict):
     from simpo_ray.objective import objective
 
     b = collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
+    if cfg.simpo.loss == "sft":  # chosen rows only, trimmed to their own longest
+        n = len(batch["prompt_ids"])
+        width = int(b["attention_mask"][:n].sum(1).max())
+        b = {k: v[:n, : -(-width // 8) * 8] for k, v in b.items()}
     b = {k: v.to(engine.device) for k, v in b.items()}
     sums, counts = engine(b["input_ids"], b["attention_mask"], b["labels"])
     ref = None

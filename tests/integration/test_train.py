@@ -127,3 +127,16 @@ def test_dpo_precomputes_reference_logps_and_starts_at_zero_margin(ray_local, tm
     assert abs(lines[0]["rewards/margins"]) < 1e-5  # step 1's forward ran before any update
     assert all(math.isfinite(m["loss"]) for m in lines)
     assert "logps/accuracies" in lines[0] and "alarm/chosen_logp_drop" in lines[0]
+
+
+def test_sft_stage_runs_on_the_same_machinery(ray_local, tmp_path):
+    """`simpo-ray sft`: chosen responses only, completion-only NLL, exported like SimPO."""
+    from simpo_ray.train import train
+
+    cfg = _cfg(tmp_path, **{"simpo.loss": "sft", "train.max_steps": 3, "output.name": "sft",
+                            "optim.lr": 1e-2})
+    _, summary = train(cfg)
+    baseline, *lines = _lines(summary["run_dir"])
+    assert "eval/loss" in baseline and "rewards/accuracies" not in lines[0]
+    assert lines[-1]["loss"] < baseline["eval/loss"]  # the NLL of chosen responses went down
+    assert os.path.isfile(os.path.join(summary["export_dir"], "model.safetensors"))

@@ -64,6 +64,7 @@ def test_loss_names_agree_with_losses_module():
     from simpo_ray import losses
 
     assert tuple(LOSS_NAMES) == tuple(losses.LOSS_NAMES)
+    assert RunConfig.from_dict({"simpo": {"loss": "sft"}}).simpo.loss == "sft"
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
