@@ -69,23 +69,22 @@ def _data(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="simpo-ray", description="Ray-distributed SimPO trainer.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train with SimPO on Ray Train + DeepSpeed",
-                       description="Train from a YAML config; key.sub=value overrides follow it. "
-                                   "Rerunning with the same output.name resumes.")
-    t.add_argument("config", help="YAML config (see examples/)")
-    t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-6")
-    t.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    t.set_defaults(fn=_train)
-    ft = sub.add_parser("sft", help="supervised fine-tuning on the chosen responses (same machinery)",
-                        description="The stage before SimPO for base models: completion-only NLL on the "
-                                    "chosen responses of the configured data; same config, workers, "
-                                    "checkpoints and export as `train` (simpo.loss is set to sft).")
-    ft.add_argument("config", help="YAML config (see examples/)")
-    ft.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=2e-5 output.name=sft")
-    ft.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
-    ft.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    ft.set_defaults(fn=_train)
+    runs = {
+        "train": ("train with SimPO on Ray Train + DeepSpeed",
+                  "Train from a YAML config; key.sub=value overrides follow it. "
+                  "Rerunning with the same output.name resumes."),
+        "sft": ("supervised fine-tuning on the chosen responses (same machinery)",
+                "The stage before SimPO for base models: completion-only NLL on the chosen responses "
+                "of the configured data; same config, workers, checkpoints and export as `train` "
+                "(simpo.loss is set to sft)."),
+    }
+    for name, (help_text, description) in runs.items():
+        t = sub.add_parser(name, help=help_text, description=description)
+        t.add_argument("config", help="YAML config (see examples/)")
+        t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-6")
+        t.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+        t.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+        t.set_defaults(fn=_train)
     s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (ASHA) over training runs",
                        description="Run the sweep file (see tune/); key=value overrides set sweep fields "
                                    "(num_samples=4, scheduler.grace_period=2, search_space.optim.lr=...) or, "
