@@ -129,6 +129,7 @@ class _ChunkedLinearLogp(torch.autograd.Function):
             chunk_lse = logits.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
             lse[start:end] = chunk_lse
             token_logps[start:end] = label_logit - chunk_lse
+            del logits  # else the next chunk's buffer is allocated while this one lives
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size = chunk_size
         return token_logps
@@ -157,6 +158,7 @@ class _ChunkedLinearLogp(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h)
             if need_b:
                 grad_b += g.sum(dim=0)
+            del g
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         if need_b:
@@ -212,4 +214,85 @@ def chunked_sequence_logps(
     h = hidden.reshape(B * T, H).index_select(0, rows * T + cols)
     token_logps = _ChunkedLinearLogp.apply(h, weight, bias, shifted[rows, cols].long(), chunk_size)
     sums = token_logps.new_zeros(B).index_add(0, rows, token_logps)
+    return sums / counts.to(sums.dtype) if average else sums
+
+
+# ---------------------------------------------------------------- packed rows
+def _check_packed(labels: Tensor, sequence_index: Tensor, num_sequences: int, vocab_size: int):
+    """Shifted (mask, sequence ids of scored labels, counts per sequence)."""
+    if labels.dim() != 2 or sequence_index.shape != labels.shape:
+        raise ValueError("expected labels and sequence_index of the same shape (R, L), got "
+                         f"{tuple(labels.shape)} and {tuple(sequence_index.shape)}")
+    shifted, seq = labels[:, 1:], sequence_index[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    ids = seq[mask]
+    bad_seq = ((ids < 0) | (ids >= num_sequences)).any()
+    out_of_range = mask & ((shifted < 0) | (shifted >= vocab_size))
+    counts = torch.bincount(ids.clamp(0, max(num_sequences - 1, 0)), minlength=num_sequences)[:num_sequences]
+    bad_seq, bad_label, empty = torch.stack([bad_seq, out_of_range.any(), (counts == 0).any()]).tolist()
+    if bad_seq:
+        raise ValueError(f"scored labels must carry a sequence_index in [0, {num_sequences})")
+    if bad_label:
+        raise ValueError(f"labels must be {IGNORE_INDEX} or in [0, {vocab_size})")
+    if empty:
+        raise ValueError(f"sequences {(counts == 0).nonzero().flatten().tolist()} have no completion "
+                         "tokens; their average log-prob would be 0/0")
+    return mask, ids, counts
+
+
+def packed_token_counts(labels: Tensor, sequence_index: Tensor, num_sequences: int) -> Tensor:
+    """(num_sequences,) int64 completion tokens per packed sequence: |y| of each one."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return torch.bincount(sequence_index[:, 1:][mask], minlength=num_sequences)[:num_sequences]
+
+
+def packed_sequence_logps(logits: Tensor, labels: Tensor, sequence_index: Tensor,
+                          num_sequences: int, average: bool = True) -> Tensor:
+    """``sequence_logps`` for packed rows: one value per sequence, not per row.
+
+    Args:
+        logits: (R, L, V), any float dtype.
+        labels: (R, L), -100 on prompts and padding (``collate.collate_packed``).
+        sequence_index: (R, L), the sequence each token belongs to (-1 on padding).
+        num_sequences: S, the number of sequences (2B for B pairs).
+        average: per-token average (SimPO) or sum.
+
+    Returns: (S,) float32 (float64 for float64 logits), in sequence order. The
+    token at t predicts labels[t + 1] and counts for sequence_index[t + 1]; every
+    sequence starts with a prompt token (-100), so nothing is scored across a
+    boundary and each sequence gets exactly the numbers of its padded row.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"expected logits (R, L, V) matching labels (R, L), got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    mask, ids, counts = _check_packed(labels, sequence_index, num_sequences, logits.shape[-1])
+    dtype = _compute_dtype(logits.dtype)
+    scored = logits[:, :-1][mask]  # (M, V): only the scored positions
+    targets = labels[:, 1:][mask].long()
+    token_logps = scored.gather(-1, targets[:, None]).squeeze(-1).to(dtype) - \
+        torch.logsumexp(scored.to(dtype), dim=-1)
+    sums = token_logps.new_zeros(num_sequences).index_add(0, ids, token_logps)
+    return sums / counts.to(dtype) if average else sums
+
+
+def packed_chunked_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor,
+                                  sequence_index: Tensor, num_sequences: int, *,
+                                  chunk_size: int = 1024, average: bool = True,
+                                  bias: Optional[Tensor] = None) -> Tensor:
+    """``packed_sequence_logps(hidden @ weight.T + bias, ...)`` without the logits
+    (the chunked head of ``chunked_sequence_logps``, summed per sequence).
+
+    hidden (R, L, H), weight (V, H), labels and sequence_index (R, L) -> (S,).
+    """
+    if hidden.dim() != 3 or weight.dim() != 2 or labels.shape != hidden.shape[:2]:
+        raise ValueError("expected hidden (R, L, H), weight (V, H), labels (R, L), got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    R, L, H = hidden.shape
+    mask, ids, counts = _check_packed(labels, sequence_index, num_sequences, weight.shape[0])
+    rows, cols = mask.nonzero(as_tuple=True)
+    h = hidden.reshape(R * L, H).index_select(0, rows * L + cols)
+    token_logps = _ChunkedLinearLogp.apply(h, weight, bias, labels[:, 1:][rows, cols].long(), chunk_size)
+    sums = token_logps.new_zeros(num_sequences).index_add(0, ids, token_logps)
     return sums / counts.to(sums.dtype) if average else sums
