@@ -97,6 +97,10 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
         "margin": {"gamma": cfg.simpo.resolved_gamma,
                    "gamma_beta_ratio": cfg.simpo.resolved_gamma_beta_ratio},
         "stats": {k: v for k, v in stats.items() if k != "files"},
+        # Constant per run, logged with every report so drops are never silent.
+        "data_metrics": {"data/dropped_total": sum((stats.get("dropped") or {}).values()),
+                         "data/unused_pairs_per_epoch": stats["train_pairs"] - steps_per_epoch * t.total_batch_size,
+                         **{f"data/dropped/{k}": v for k, v in (stats.get("dropped") or {}).items()}},
     }
 
 
@@ -161,6 +165,7 @@ def make_trainer(cfg: RunConfig, datasets: dict, plan: dict, callbacks: list, st
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from simpo_ray.data import ingest_config
     from simpo_ray.worker import train_loop_per_worker
 
     t = cfg.train
@@ -172,6 +177,7 @@ def make_trainer(cfg: RunConfig, datasets: dict, plan: dict, callbacks: list, st
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets=datasets,
+        dataset_config=ingest_config(),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),

@@ -74,7 +74,8 @@ def train_loop_per_worker(config: dict) -> None:
             report = step_report(engine, sums, tokens, time.perf_counter() - clock, step, epoch)
             if eval_shard is not None and (step % t.eval_every == 0 or last):
                 report.update(evaluate(engine, eval_shard, cfg, plan))
-            report.update(plan["margin"], rank_micro_batches=micro + epoch * micro_per_epoch,
+            report.update(plan["margin"], **plan["data_metrics"],
+                          rank_micro_batches=micro + epoch * micro_per_epoch,
                           skipped_micro_batches=state["skipped_micro_batches"],
                           skipped_steps=int(engine.skipped_steps))
             collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, rank)
@@ -155,33 +156,53 @@ def quiet_worker_logs() -> None:
 
 
 def iter_train(shard, cfg: RunConfig, epoch: int):
-    """This rank's micro-batches for one epoch, shuffled locally with a seeded buffer."""
-    return shard.iter_batches(
-        batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True,
-        local_shuffle_buffer_size=8 * cfg.train.micro_batch_size if cfg.data.shuffle else None,
-        local_shuffle_seed=cfg.data.seed * 1000 + epoch if cfg.data.shuffle else None)
+    """This rank's micro-batches for one epoch, in a seeded order a resume reproduces."""
+    from simpo_ray.data import shuffle_args
+
+    mb = cfg.train.micro_batch_size
+    return shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
+                              **shuffle_args(cfg.data, epoch, mb))
 
 
 def forward_batch(engine, batch: dict, cfg: RunConfig, plan: dict):
     """One forward of chosen+rejected -> (loss, metric sums, non-pad tokens)."""
     import torch
 
-    from simpo_ray.collate import collate_numpy_batch
     from simpo_ray.objective import objective
 
-    b = collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
-    if cfg.simpo.loss == "sft":  # chosen rows only, trimmed to their own longest
-        n = len(batch["prompt_ids"])
-        width = int(b["attention_mask"][:n].sum(1).max())
-        b = {k: v[:n, : -(-width // 8) * 8] for k, v in b.items()}
+    b, extra = collate(batch, cfg, plan)
     b = {k: v.to(engine.device) for k, v in b.items()}
-    sums, counts = engine(b["input_ids"], b["attention_mask"], b["labels"])
+    extra = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in extra.items()}
+    sums, counts = engine(b["input_ids"], b.get("attention_mask"), b["labels"],
+                          sequence_index=b.get("sequence_index"), **extra)
     ref = None
     if "ref_chosen_logps" in batch:  # precomputed once by the reference pass
         ref = torch.as_tensor(list(batch["ref_chosen_logps"]) + list(batch["ref_rejected_logps"]),
                               dtype=sums.dtype, device=sums.device)
     loss, pair_sums = objective(cfg.simpo, sums, counts, ref)
-    return loss, pair_sums, int(b["attention_mask"].sum())
+    real = b["attention_mask"] if "attention_mask" in b else b["sequence_index"] >= 0
+    return loss, pair_sums, int(real.sum())
+
+
+def collate(batch: dict, cfg: RunConfig, plan: dict):
+    """Numpy batch -> (tensors, extra model kwargs): padded, or packed (``data.packing``)."""
+    from simpo_ray import collate as C
+
+    if cfg.data.packing and cfg.simpo.loss != "sft":
+        flash = cfg.model.attn_implementation == "flash_attention_2"
+        # flash-attn varlen only sees packing in a single row; SDPA/eager get a
+        # block-diagonal mask from the restarting position_ids, row by row.
+        b = C.collate_packed_numpy_batch(batch, plan["pad_id"], max_tokens=None if flash else cfg.data.pack_row_tokens)
+        extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}
+        if flash:
+            extra.update(C.flash_varlen_kwargs(extra["position_ids"]))
+        return b, extra
+    b = C.collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
+    if cfg.simpo.loss == "sft":  # chosen rows only, trimmed to their own longest
+        n = len(batch["prompt_ids"])
+        width = int(b["attention_mask"][:n].sum(1).max())
+        b = {k: v[:n, : -(-width // 8) * 8] for k, v in b.items()}
+    return b, {}
 
 
 def evaluate(engine, shard, cfg: RunConfig, plan: dict) -> dict:

@@ -140,3 +140,19 @@ def test_sft_stage_runs_on_the_same_machinery(ray_local, tmp_path):
     assert "eval/loss" in baseline and "rewards/accuracies" not in lines[0]
     assert lines[-1]["loss"] < baseline["eval/loss"]  # the NLL of chosen responses went down
     assert os.path.isfile(os.path.join(summary["export_dir"], "model.safetensors"))
+
+
+def test_packed_batches_give_the_padded_loss(first_run, tmp_path):
+    """Padding-free packing: same pairs in the same order, so the first step's loss (computed
+    before any update) equals the padded run's."""
+    from simpo_ray.train import train
+
+    _, _, summary = first_run
+    padded = _lines(summary["run_dir"])[1]
+    _, s = train(_cfg(tmp_path, **{"data.packing": "true", "train.max_steps": 1, "output.name": "packed",
+                                   "output.export": "false"}))
+    packed = _lines(s["run_dir"])[1]
+    assert packed["step"] == padded["step"] == 1
+    assert math.isclose(packed["loss"], padded["loss"], rel_tol=1e-5)
+    assert math.isclose(packed["rewards/margins"], padded["rewards/margins"], rel_tol=1e-4, abs_tol=1e-5)
+    assert packed["data/dropped_total"] == 0
