@@ -111,8 +111,12 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     assert steps[restart:] == list(range(last_ckpt + 1, 15))  # nothing lost after it
 
 
+SECRET = "hf_FAKEsecret0123456789abcdef"
+
+
 def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
-    """The real command in its own process and Ray cluster."""
+    """The real command in its own process and Ray cluster. Secrets set in its
+    environment (hub token, tracking key) must appear in none of its outputs."""
     from tests.conftest import REPO
 
     args = [sys.executable, "-m", "simpo_ray.cli", "train", os.path.join(REPO, "examples", "tiny_cpu.yaml"),
@@ -121,7 +125,7 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
             "train.log_every=1", "train.checkpoint_every=50", "output.export=false", "ray.num_cpus=4"]
     run_dir = tmp_path / "term"
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", HF_TOKEN=SECRET, WANDB_API_KEY=SECRET))
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -137,3 +141,8 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
     lines = _train_lines(run_dir)
     assert lines[-1]["step"] < 60 and lines[-1].get("checkpoint")
     assert json.loads((run_dir / "summary.json").read_text())["finished"] is False
+    assert SECRET not in output
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.name == "metrics.jsonl" for p in files)
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes(), p
