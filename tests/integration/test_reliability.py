@@ -128,10 +128,11 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
                             env=dict(os.environ, PYTHONUNBUFFERED="1", HF_TOKEN=SECRET, WANDB_API_KEY=SECRET))
     try:
         deadline = time.time() + 180
-        while time.time() < deadline:
+        while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
             if (run_dir / "metrics.jsonl").exists() and len(_train_lines(run_dir)) >= 2:
                 break
+        assert proc.poll() is None, proc.communicate()[0][-3000:]  # it must still be training
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=180)
     finally:
