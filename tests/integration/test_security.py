@@ -1,8 +1,6 @@
 """A local cluster we start listens on loopback only. (Secrets never reaching any output
 is checked on a real command run in test_reliability's SIGTERM test.)"""
 
-import os
-
 import psutil
 import pytest
 
@@ -10,7 +8,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):
-    mine = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    # The processes of the cluster this session started (gcs, raylet, dashboard, ...)
+    # and their children (workers); other tests' clusters are not ours to judge.
+    node = ray_local._private.worker._global_node
+    roots = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    mine = set(roots)
+    for pid in roots:
+        mine |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
     listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in mine]
     assert listening, "found no Ray listeners to check"
     for c in listening:
