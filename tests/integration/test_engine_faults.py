@@ -43,6 +43,12 @@ def test_nan_gradients_skip_the_step_and_keep_parameters(tiny_path, monkeypatch)
     try:
         _check_skip(engine)
     finally:
+        # Leave this process as we found it: no process group, and no live ZeRO-3
+        # config that would make every later from_pretrained here use zero.Init.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        del engine
+        unset_hf_deepspeed_config()
         torch.distributed.destroy_process_group()
 
 
