@@ -75,6 +75,13 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
     from simpo_ray.data import DataError
 
     t = cfg.train
+    if cfg.data.token_budget:
+        # Never ignore a setting silently: batching by token budget is implemented
+        # (collate.token_budget_batches, data inspect) but not wired into training yet.
+        from simpo_ray.config import ConfigError
+
+        raise ConfigError("data.token_budget", "token-budget batching is not supported in training yet; "
+                          "use data.packing with train.micro_batch_size instead")
     # streaming_split(equal=True) gives every rank the same number of rows.
     rows_per_rank = stats["train_pairs"] // t.num_workers
     steps_per_epoch = rows_per_rank // t.micro_batch_size // t.grad_accum_steps
