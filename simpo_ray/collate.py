@@ -19,11 +19,8 @@ from typing import Iterable, Iterator, Sequence
 IGNORE = -100
 
 
-def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
-                  rejected_ids: Sequence[Sequence[int]], pad_id: int,
-                  pad_to_multiple_of: int = 1) -> dict:
-    import torch
-
+def _sequences(prompt_ids, chosen_ids, rejected_ids) -> tuple[list, list]:
+    """2B sequences (chosen first, then rejected) and their labels (-100 on the prompt)."""
     seqs, labels = [], []
     for completions in (chosen_ids, rejected_ids):
         for p, c in zip(prompt_ids, completions):
@@ -32,6 +29,15 @@ def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequ
                 raise ValueError("a pair with an empty completion reached collate")
             seqs.append(p + c)
             labels.append([IGNORE] * len(p) + c)
+    return seqs, labels
+
+
+def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
+                  rejected_ids: Sequence[Sequence[int]], pad_id: int,
+                  pad_to_multiple_of: int = 1) -> dict:
+    import torch
+
+    seqs, labels = _sequences(prompt_ids, chosen_ids, rejected_ids)
     longest = max(len(s) for s in seqs)
     T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     n = len(seqs)
@@ -119,16 +125,9 @@ def collate_packed(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Seq
     """
     import torch
 
-    seqs, labels = [], []
-    for completions in (chosen_ids, rejected_ids):
-        for p, c in zip(prompt_ids, completions):
-            p, c = list(p), list(c)
-            if not c:
-                raise ValueError("a pair with an empty completion reached collate")
-            if not p:
-                raise ValueError("packing needs a non-empty prompt: it separates a sequence from the one before")
-            seqs.append(p + c)
-            labels.append([IGNORE] * len(p) + c)
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("packing needs a non-empty prompt: it separates a sequence from the one before")
+    seqs, labels = _sequences(prompt_ids, chosen_ids, rejected_ids)
     rows, L = pack_rows([len(s) for s in seqs], max_tokens, pad_to_multiple_of)
     R = len(rows)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
