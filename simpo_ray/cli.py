@@ -66,6 +66,33 @@ def _data(args) -> int:
         return 1
 
 
+def _generate(args) -> int:
+    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    if args.address:
+        cfg.ray.address = args.address
+    if args.command == "iterate" and args.rounds is not None:
+        cfg.generate.rounds = args.rounds
+        cfg.validate()
+    print("[simpo-ray] resolved config:\n" + cfg.to_yaml(), flush=True)
+    if args.dry_run:
+        return 0
+    from simpo_ray import onpolicy
+
+    if args.command == "generate":
+        t = onpolicy.generate_pairs(cfg)
+        print(f"[simpo-ray] {t['pairs']} pairs from {t['prompts']} prompts, dropped {t['dropped'] or 'none'}; "
+              f"{t['tokens']} tokens generated in {t['wall_s']} s; pairs: {t['pairs_dir']}")
+        return 0 if t["pairs"] else 1
+    out = onpolicy.iterate(cfg)
+    for r in out["rounds"]:
+        m = r.get("final_metrics") or {}
+        print(f"[simpo-ray] round {r['round']}: {r['pairs']} pairs, eval accuracy "
+              f"{m.get('eval/rewards/accuracies', float('nan')):.3g}, model {r['export_dir']}")
+    verb = "done" if out["finished"] else "stopped early (rerun to continue)"
+    print(f"[simpo-ray] {verb}; policy: {out['policy']}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="simpo-ray", description="Ray-distributed SimPO trainer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +149,24 @@ def main(argv=None) -> int:
     di.add_argument("--histogram", help="PNG path (default: the run folder's data_lengths.png)")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.set_defaults(fn=_data)
+    for name, help_text, description in (
+            ("generate", "on-policy pairs: N samples per prompt, reward-scored, best/worst (vLLM actors)",
+             "Sample generate.num_samples responses per prompt from model.name_or_path (generate.backend: vllm "
+             "or transformers), score them with generate.reward, keep the best as chosen and the worst as "
+             "rejected, and write Parquet in the training format (token ids + text + provenance) to "
+             "generate.output (default: the run folder's generated/). Rerunning skips finished parts."),
+            ("iterate", "on-policy rounds: generate -> score -> pair -> train -> export, R times",
+             "Round k samples from the current policy, pairs, trains SimPO from it on the new pairs and "
+             "exports; the next round samples from that export. Each round's data, metrics and checkpoints "
+             "are kept under the run folder; rerunning resumes at the first unfinished round.")):
+        gp = sub.add_parser(name, help=help_text, description=description)
+        gp.add_argument("config", help="YAML config with a generate section (see examples/onpolicy_*.yaml)")
+        gp.add_argument("overrides", nargs="*", help="key.sub=value, e.g. generate.num_samples=4")
+        if name == "iterate":
+            gp.add_argument("--rounds", type=int, help="number of rounds (default: generate.rounds)")
+        gp.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+        gp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+        gp.set_defaults(fn=_generate)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -146,7 +146,36 @@ def process_row(tokenizer, row: dict, *, max_length: int, max_prompt_length: int
     """One raw row -> (prompt turns, triplet). The one code path that training
     (the Tokenize UDF) and ``data inspect`` share. Raises RowError."""
     turns, chosen, rejected = normalize_row(row, column_map)
+    if all(row.get(k) is not None for k in IDS):
+        return turns, ids_triplet(row, max_length, max_prompt_length)
     return turns, tokenize_triplet(tokenizer, turns, chosen, rejected, max_length, max_prompt_length)
+
+
+# ---------------------------------------------------------------- pre-tokenized rows
+# Rows written by `simpo-ray generate` carry the sampled token ids beside the text.
+# Training uses those ids as they are: decoding and re-tokenizing changes them.
+IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def ids_triplet(row: dict, max_length: int, max_prompt_length: int) -> dict:
+    """A row's own ids -> the triplet, truncated like ``tokenize_triplet``."""
+    ids = {}
+    for k in IDS:
+        v = row[k]
+        if not isinstance(v, list) or not all(isinstance(t, int) and t >= 0 for t in v):
+            raise RowError(f"'{k}' must be a list of token ids", WRONG_TYPE)
+        if not v:
+            raise RowError(f"'{k}' is empty", EMPTY)
+        ids[k] = v
+    p, c, r = ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"]
+    raw = {"prompt_len": len(p), "chosen_len": len(c), "rejected_len": len(r)}
+    p_t = p[-max_prompt_length:]
+    room = max_length - len(p_t)
+    c_t, r_t = c[:room], r[:room]
+    if c_t == r_t:
+        raise RowError("chosen and rejected identical after truncation", TRUNCATED_SAME)
+    truncated = (len(p_t), len(c_t), len(r_t)) != (len(p), len(c), len(r))
+    return {"prompt_ids": p_t, "chosen_ids": c_t, "rejected_ids": r_t, "truncated": truncated, **raw}
 
 
 # ---------------------------------------------------------------- train / eval split

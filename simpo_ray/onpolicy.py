@@ -1,0 +1,156 @@
+"""On-policy SimPO in rounds: generate -> score -> pair -> train -> export -> next round.
+
+Round k (1-based) samples from the current policy (``model.name_or_path`` for round
+1, round k-1's export after that), scores and pairs the samples
+(``simpo_ray.generate``), then trains SimPO from that same policy on the new pairs
+with ``simpo_ray.train.train`` and exports. Folders, under ``output.root/output.name``:
+
+    iterate.json                the settings the rounds were made with, and a summary
+    round_001/generated/        samples/, pairs/ (the round's training data), generation.json
+    round_001/                  the round's training run: config.yaml, metrics.jsonl,
+                                checkpoint_*/, model/ (the export), summary.json
+    round_001/round.json        written last: the round is done
+
+A rerun skips the done rounds and resumes the first unfinished one (its finished
+generation parts, then its training checkpoints). Generators and scorers are stopped
+before training starts (vLLM pins threads and holds memory) unless
+``generate.keep_generators``: then the same actors get each export's weights in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from simpo_ray.config import RunConfig
+
+DONE = "round.json"
+# Fields that may change between reruns of the same rounds (the rest may not).
+_FREE = ("rounds", "keep_generators", "output", "num_generators", "cpus_per_generator")
+
+
+def round_dir(cfg: RunConfig, k: int) -> Path:
+    return cfg.output.run_dir / f"round_{k:03d}"
+
+
+def round_config(cfg: RunConfig, k: int, policy: str, pairs_dir: Path) -> RunConfig:
+    """Round k's training config: the user's, trained from ``policy`` on the round's pairs,
+    its run folder ``round_NNN`` inside the iterate folder, always exported."""
+    d = cfg.to_dict()
+    d["model"]["name_or_path"] = str(policy)
+    d["data"]["train_files"] = str(pairs_dir)
+    d["output"].update(root=str(cfg.output.run_dir), name=round_dir(cfg, k).name, export=True)
+    if cfg.output.storage:  # every iterate run keeps its own round_NNN names in the store
+        d["output"]["storage"] = cfg.output.storage.rstrip("/") + "/" + cfg.output.name
+    return RunConfig.from_dict(d)
+
+
+def _settings(cfg: RunConfig) -> dict:
+    g = {k: v for k, v in dataclasses.asdict(cfg.generate).items() if k not in _FREE}
+    return {"policy": cfg.model.name_or_path, "prompts": cfg.generate.prompt_files or cfg.data.train_files,
+            "generate": g}
+
+
+def _check_settings(cfg: RunConfig) -> None:
+    """Rounds already in the folder were made with these settings, or we refuse."""
+    path = cfg.output.run_dir / "iterate.json"
+    now = json.loads(json.dumps(_settings(cfg)))
+    if path.exists():
+        before = json.loads(path.read_text()).get("settings")
+        if before is not None and before != now:
+            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise ValueError(f"{cfg.output.run_dir} holds rounds made with other settings ({', '.join(diff)} "
+                             "differ); keep them or choose another output.name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"settings": now, "rounds": []}, indent=1))
+
+
+def _init_ray(cfg: RunConfig) -> None:
+    """Ray up. A local cluster also counts the CPUs that kept generators hold while
+    the workers train, so Ray Data still gets its share (else it starves: a hang)."""
+    from simpo_ray.train import init_ray
+
+    g, t = cfg.generate, cfg.train
+    if g.keep_generators and cfg.ray.num_cpus is None:
+        cfg = RunConfig.from_dict(cfg.to_dict())
+        extra = math.ceil(g.num_generators * g.cpus_per_generator)
+        cfg.ray.num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2) + extra
+    init_ray(cfg)
+
+
+def generate_pairs(cfg: RunConfig) -> dict:
+    """``simpo-ray generate``: one pass from ``model.name_or_path`` into
+    ``generate.output`` (default ``<run folder>/generated``). Returns the totals."""
+    from simpo_ray.generate import run_generation
+
+    cfg.validate()
+    _init_ray(cfg)
+    out = Path(cfg.generate.output) if cfg.generate.output else cfg.output.run_dir / "generated"
+    return run_generation(cfg, cfg.model.name_or_path, out.expanduser().resolve())
+
+
+def iterate(cfg: RunConfig, rounds: int | None = None) -> dict:
+    """Run (or resume) ``rounds`` (default ``generate.rounds``) on-policy rounds.
+
+    Returns {"finished", "rounds": [per-round summary], "policy": the latest export}.
+    ``finished`` is false when a round's training stopped early (SIGTERM, stop_after):
+    rerun to continue.
+    """
+    import ray
+
+    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.generate import run_generation, start_generators, stop_actors
+    from simpo_ray.train import train
+
+    cfg.validate()
+    n_rounds = rounds or cfg.generate.rounds
+    _check_settings(cfg)
+    _init_ray(cfg)
+    policy, done, generators = cfg.model.name_or_path, [], None
+    finished = True
+    try:
+        for k in range(1, n_rounds + 1):
+            rd = round_dir(cfg, k)
+            if (rd / DONE).exists():
+                info = json.loads((rd / DONE).read_text())
+                print(f"[simpo-ray] round {k}: done before, policy {info['export_dir']}", flush=True)
+                policy = info["export_dir"]
+                done.append(info)
+                continue
+            started = time.time()
+            gen_dir = rd / "generated"
+            stats_file = gen_dir / "generation.json"
+            if stats_file.exists():  # written once every part is done
+                gen = json.loads(stats_file.read_text())
+            else:
+                if cfg.generate.keep_generators and generators is None:
+                    generators = start_generators(cfg, resolve_model_path(policy, dataclasses.asdict(cfg.model.tiny)))
+                gen = run_generation(cfg, policy, gen_dir, round_index=k, generators=generators)
+            print(f"[simpo-ray] round {k}: {gen['pairs']} pairs from {gen['prompts']} prompts "
+                  f"(dropped {gen['dropped'] or 'none'})", flush=True)
+            _, summary = train(round_config(cfg, k, policy, gen_dir / "pairs"))
+            if not summary["finished"]:
+                finished = False
+                print(f"[simpo-ray] round {k}: training stopped early; rerun to continue", flush=True)
+                break
+            policy = summary["export_dir"]
+            info = {"round": k, "policy_in": str(gen["policy"]), "export_dir": policy, "run_dir": summary["run_dir"],
+                    "pairs": gen["pairs"], "dropped": gen["dropped"], "generation": str(stats_file),
+                    "final_metrics": summary["final_metrics"], "wall_s": round(time.time() - started, 1)}
+            if generators:  # the next round samples from the new weights, in place
+                secs = ray.get([a.load.remote(policy) for a in generators])
+                info["weights_update_s"] = max(secs)
+            (rd / DONE).write_text(json.dumps(info, indent=1, default=str))
+            done.append(info)
+    finally:
+        if generators:
+            stop_actors(generators)
+    state = cfg.output.run_dir / "iterate.json"
+    record = json.loads(state.read_text())
+    record.update(rounds=done, policy=policy, finished=finished and len(done) == n_rounds)
+    state.write_text(json.dumps(record, indent=1, default=str))
+    return {"finished": record["finished"], "rounds": done, "policy": policy}
