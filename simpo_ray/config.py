@@ -98,7 +98,9 @@ class DataConfig:
     # data; see benchmarks/README.md). On GPU with flash-attn the worker packs one row.
     pack_max_tokens: Optional[int] = None
     # Token-budget batching: micro-batches hold as many whole pairs as fit in this many
-    # tokens (chosen + rejected, prompts counted twice) instead of a fixed pair count.
+    # tokens (chosen + rejected, prompts counted twice) instead of a fixed pair count;
+    # a step is still train.grad_accum_steps micro-batches, its loss a mean over all its
+    # pairs; micro_batch_size is then only the read size (see README, Data).
     token_budget: Optional[int] = None
 
     def validate(self, path: str) -> None:

@@ -386,6 +386,7 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     if d.shuffle:  # once, seeded; per-epoch order comes from shuffle_args() in the worker
         train = train.random_shuffle(seed=d.seed)
     train = train.select_columns(KEEP).materialize()
+    mean_pair_tokens = _mean_pair_tokens(train) if d.token_budget else None
     if eval_files:
         eval_ds = parts[1].filter(expr=col("error") == "")
     else:
@@ -401,8 +402,20 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
         "stats": {"train_pairs": n_train, "eval_pairs": n_eval, "dropped": dropped,
                   "dropped_total": sum(dropped.values()), "truncated_pairs": n_trunc,
                   "split": split_rule, "files": files + eval_files,
+                  **({"mean_pair_tokens": mean_pair_tokens} if mean_pair_tokens else {}),
                   "fingerprint": fingerprint(files + eval_files, settings)},
     }
+
+
+def _mean_pair_tokens(ds) -> float:
+    """Mean packed cost of a pair (2 x prompt + chosen + rejected), what
+    ``data.token_budget`` counts."""
+    total = n = 0
+    for b in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter_batches(
+            batch_size=4096, batch_format="numpy"):
+        for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]):
+            total, n = total + 2 * len(p) + len(c) + len(r), n + 1
+    return total / max(n, 1)
 
 
 def _tokenizer_hash(path: str) -> str:

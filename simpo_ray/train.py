@@ -75,20 +75,21 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
     from simpo_ray.data import DataError
 
     t = cfg.train
-    if cfg.data.token_budget:
-        # Never ignore a setting silently: batching by token budget is implemented
-        # (collate.token_budget_batches, data inspect) but not wired into training yet.
-        from simpo_ray.config import ConfigError
-
-        raise ConfigError("data.token_budget", "token-budget batching is not supported in training yet; "
-                          "use data.packing with train.micro_batch_size instead")
     # streaming_split(equal=True) gives every rank the same number of rows.
     rows_per_rank = stats["train_pairs"] // t.num_workers
-    steps_per_epoch = rows_per_rank // t.micro_batch_size // t.grad_accum_steps
+    pairs_per_micro = t.micro_batch_size
+    if cfg.data.token_budget:
+        # Micro-batches are cut by tokens: the workers count the exact steps of every
+        # epoch before training (worker.budget_schedule); this estimate only sizes the
+        # driver's plan line and a sweep's ASHA horizon.
+        pairs_per_micro = max(1, cfg.data.token_budget // max(1, round(stats.get("mean_pair_tokens") or 1)))
+    steps_per_epoch = rows_per_rank // pairs_per_micro // t.grad_accum_steps
     if steps_per_epoch == 0:
         raise DataError(
             f"{stats['train_pairs']} training pairs are fewer than one optimizer step needs "
-            f"(train.total_batch_size={t.total_batch_size}); lower it or add data")
+            f"(train.total_batch_size={t.total_batch_size}"
+            + (f", data.token_budget={cfg.data.token_budget}" if cfg.data.token_budget else "")
+            + "); lower it or add data")
     total = steps_per_epoch * t.epochs
     if t.max_steps:
         total = min(total, t.max_steps)
@@ -96,6 +97,7 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "has_eval": has_eval,
+        "token_budget_estimate": bool(cfg.data.token_budget),
         "pad_id": pad_id, "tiny_spec": dataclasses.asdict(cfg.model.tiny),
         "export_dir": str(cfg.output.run_dir / "model"),
         "run_dir": str(cfg.output.run_dir), "stop_file": str(cfg.output.run_dir / STOP_FILE),
@@ -124,11 +126,12 @@ def progress_callback(run_dir: str, total_steps: int):
             m["ranks_micro_batches"] = [r.get("rank_micro_batches") for r in metrics]
             m.pop("rank_micro_batches", None)
             m["time"] = time.time()
+            total = m.get("total_steps", total_steps)
             if checkpoint is not None:
                 m["checkpoint"] = checkpoint.path
             with open(Path(run_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
-            print("[simpo-ray] " + format_progress(m, total_steps), flush=True)
+            print("[simpo-ray] " + format_progress(m, total), flush=True)
 
     return Progress()
 
@@ -160,9 +163,14 @@ def prepare(cfg: RunConfig) -> dict:
         datasets = {k: add_reference_logps(v, cfg, model_path, plan["pad_id"]) for k, v in datasets.items()}
     print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
           f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
-    print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
-          f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
-          f"{plan['steps_per_epoch']} steps/epoch, {plan['total_steps']} steps")
+    if cfg.data.token_budget:
+        print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro-batches of <= {cfg.data.token_budget} "
+              f"tokens x accumulation {cfg.train.grad_accum_steps}; about {plan['steps_per_epoch']} steps/epoch "
+              f"(mean pair {stats.get('mean_pair_tokens', 0):.0f} tokens; the workers count the exact steps)")
+    else:
+        print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
+              f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
+              f"{plan['steps_per_epoch']} steps/epoch, {plan['total_steps']} steps")
     return {"datasets": datasets, "plan": plan, "stats": stats}
 
 
@@ -232,10 +240,12 @@ def train(cfg: RunConfig):
     with graceful_stop(run_dir / STOP_FILE):
         result = trainer.fit()
     (run_dir / STOP_FILE).unlink(missing_ok=True)
-    done = (result.metrics or {}).get("step", 0) >= plan["total_steps"]
+    final = result.metrics or {}
+    total_steps = final.get("total_steps", plan["total_steps"])  # exact from the workers
+    done = final.get("step", 0) >= total_steps
     summary = {
         "finished": done,
-        "run_dir": str(run_dir), "total_steps": plan["total_steps"],
+        "run_dir": str(run_dir), "total_steps": total_steps,
         "final_metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "export_dir": plan["export_dir"] if cfg.output.export else None,
         "data": stats, "wall_s": round(time.time() - started, 1),

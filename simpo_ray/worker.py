@@ -30,13 +30,17 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     write_pid_file(plan["run_dir"], rank)
     model_path = resolve_model_path(cfg.model.name_or_path, plan["tiny_spec"])
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
+    schedule = None  # token budget: global pairs of every step, per epoch
+    if cfg.data.token_budget:
+        schedule = budget_schedule(train_shard, cfg)
+        plan = budget_plan(plan, schedule, cfg, rank)
     engine, _ = build_engine(cfg, model_path, plan["total_steps"])
     state = checkpoint.restore(engine) or {"step": 0, "epoch": 0, "micro": 0, "skipped_micro_batches": 0}
     if rank == 0 and state["step"]:
         print(f"[simpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, micro-batch {state['micro']})")
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
-    micro_per_epoch = plan["steps_per_epoch"] * t.grad_accum_steps
+    world = ray.train.get_context().get_world_size()
 
     if state["step"] == 0 and eval_shard is not None:  # the baseline the curve starts from
         baseline = {"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]}
@@ -46,12 +50,17 @@ def train_loop_per_worker(config: dict) -> None:
     sums, tokens, clock, bad_streak, stop = {}, 0, time.perf_counter(), 0, False
     for epoch in range(state["epoch"], t.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
-        for micro, batch in enumerate(iter_train(train_shard, cfg, epoch), start=1):
+        micro_per_epoch = (len(schedule[epoch]) if schedule else plan["steps_per_epoch"]) * t.grad_accum_steps
+        for micro, batch in enumerate(iter_micro(train_shard, cfg, epoch), start=1):
             if micro > micro_per_epoch or step >= plan["total_steps"] or stop:
                 break
             if micro <= skip:  # resume: these micro-batches were trained before the checkpoint
                 continue
             loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan)
+            if schedule:  # a mean over the step's pairs on all ranks, not over this micro-batch's
+                loss = loss * budget_loss_scale(len(batch["prompt_ids"]), world, t.grad_accum_steps,
+                                                schedule[epoch][min((micro - 1) // t.grad_accum_steps,
+                                                                    len(schedule[epoch]) - 1)])
             if not agree(torch.isfinite(loss).item() and f"{epoch}:{micro}" not in plan["inject_nan"]):
                 # Dropped on every rank before backward: parameters and the gradient
                 # accumulation window are untouched; the next micro-batch takes its place.
@@ -75,7 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
             if eval_shard is not None and (step % t.eval_every == 0 or last):
                 report.update(evaluate(engine, eval_shard, cfg, plan))
             report.update(plan["margin"], **plan["data_metrics"],
-                          rank_micro_batches=micro + epoch * micro_per_epoch,
+                          rank_micro_batches=micro + epoch_offset(schedule, plan, t, epoch),
+                          total_steps=plan["total_steps"],
                           skipped_micro_batches=state["skipped_micro_batches"],
                           skipped_steps=int(engine.skipped_steps))
             collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, rank)
@@ -153,6 +163,74 @@ def quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+
+
+def iter_micro(shard, cfg: RunConfig, epoch: int):
+    """The micro-batches of one epoch: ``micro_batch_size`` pairs, or with
+    ``data.token_budget`` as many whole pairs as fit the budget (same order)."""
+    batches = iter_train(shard, cfg, epoch)
+    if not cfg.data.token_budget:
+        return batches
+    from simpo_ray.collate import token_budget_batches
+
+    return token_budget_batches(batches, cfg.data.token_budget)
+
+
+def budget_schedule(shard, cfg: RunConfig) -> list:
+    """Token-budget batching: the global number of pairs in every optimizer step of
+    every epoch, as ``[[pairs of step 1, ...] per epoch]``.
+
+    Budget micro-batches hold a data-dependent number of pairs, so ranks would run
+    different numbers of forwards (a ZeRO-3 hang). Each rank counts its own stream
+    once per epoch (the order is seeded, so the training pass sees the same batches);
+    the ranks then agree to take the steps every rank can fill, and sum the pairs of
+    each step so the loss can be a mean over all of them."""
+    import torch
+    import torch.distributed as dist
+
+    gas = cfg.train.grad_accum_steps
+    out = []
+    for epoch in range(cfg.train.epochs):
+        sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch)]
+        local = [sum(sizes[i:i + gas]) for i in range(0, len(sizes) // gas * gas, gas)]
+        n = torch.tensor([len(local)])
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        pairs = torch.tensor(local[:int(n)] or [0], dtype=torch.long)
+        dist.all_reduce(pairs)
+        out.append(pairs.tolist()[:int(n)])
+    return out
+
+
+def budget_plan(plan: dict, schedule: list, cfg: RunConfig, rank: int) -> dict:
+    """The driver's estimate replaced by the counted steps."""
+    t = cfg.train
+    total = sum(len(s) for s in schedule)
+    if t.max_steps:
+        total = min(total, t.max_steps)
+    if total == 0:
+        raise ValueError(f"data.token_budget={cfg.data.token_budget}: not one optimizer step of "
+                         f"{t.grad_accum_steps} micro-batches fits in an epoch on every rank; "
+                         "lower train.total_batch_size or add data")
+    used = sum(schedule[0])
+    if rank == 0:
+        print(f"[simpo-ray] token budget {cfg.data.token_budget}: {len(schedule[0])} steps in epoch 0 "
+              f"(about {used / max(len(schedule[0]), 1):.1f} pairs per step), {total} steps in all", flush=True)
+    data_metrics = dict(plan["data_metrics"], **{"data/unused_pairs_per_epoch": plan["stats"]["train_pairs"] - used})
+    return dict(plan, total_steps=total, steps_per_epoch=len(schedule[0]), data_metrics=data_metrics)
+
+
+def budget_loss_scale(pairs: int, world: int, grad_accum: int, step_pairs: int) -> float:
+    """Factor turning a micro-batch's mean loss into its share of the mean over the
+    step's ``step_pairs`` pairs on all ranks. DeepSpeed divides by ``grad_accum`` and
+    averages over ``world`` ranks, hence the two factors back."""
+    return pairs * world * grad_accum / max(step_pairs, 1)
+
+
+def epoch_offset(schedule, plan: dict, t, epoch: int) -> int:
+    """Micro-batches of the epochs before ``epoch`` (for the same-work check)."""
+    if schedule:
+        return sum(len(s) for s in schedule[:epoch]) * t.grad_accum_steps
+    return epoch * plan["steps_per_epoch"] * t.grad_accum_steps
 
 
 def iter_train(shard, cfg: RunConfig, epoch: int):

@@ -147,3 +147,29 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
     assert any(p.name == "config.yaml" for p in files) and any(p.name == "metrics.jsonl" for p in files)
     for p in files:
         assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_token_budget_batches_train_and_resume_exactly(ray_local, tmp_path):
+    """data.token_budget: micro-batches of whole pairs cut by tokens (a data-dependent
+    count per rank). The workers count and agree on the steps before training, so both
+    ranks run the same micro-batches, the plan's step count is met exactly, and a run
+    stopped at step 2 resumes to the uninterrupted run's losses."""
+    from simpo_ray.train import train
+
+    common = {"data.token_budget": 1100, "data.packing": "true", "train.max_steps": 4,
+              "train.checkpoint_every": 2, "train.eval_every": 4, "output.export": "false"}
+    _, whole = train(_cfg(tmp_path, **common, **{"output.name": "budget"}))
+    straight = _train_lines(whole["run_dir"])
+    assert whole["finished"] and [m["step"] for m in straight] == [1, 2, 3, 4]
+    assert all(m["total_steps"] == 4 for m in straight)
+    for m in straight:
+        assert len(set(m["ranks_micro_batches"])) == 1  # same forwards on both ranks
+        assert math.isfinite(m["loss"])
+    assert straight[0]["data/unused_pairs_per_epoch"] >= 0
+    _, s1 = train(_cfg(tmp_path, **common, **{"output.name": "budget-resumed", "train.stop_after": 2}))
+    assert not s1["finished"]
+    _, s2 = train(_cfg(tmp_path, **common, **{"output.name": "budget-resumed"}))
+    resumed = _train_lines(s2["run_dir"])
+    assert s2["finished"] and [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6), (a["step"], a["loss"], b["loss"])

@@ -1,0 +1,67 @@
+"""Token-budget batching in the worker: micro-batches cut by tokens, and a loss
+scale that makes every optimizer step a mean over all of its pairs on all ranks."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from simpo_ray.config import RunConfig
+from simpo_ray.worker import budget_loss_scale, iter_micro
+
+
+def _batches(lengths, per_batch):
+    """Ray-Data-like numpy batches of pairs with the given (prompt, chosen, rejected) lengths."""
+    out = []
+    for i in range(0, len(lengths), per_batch):
+        part = lengths[i:i + per_batch]
+        col = lambda k: np.array([np.arange(n[k]) for n in part] + [None], dtype=object)[:-1]  # noqa: E731
+        out.append({"prompt_ids": col(0), "chosen_ids": col(1), "rejected_ids": col(2),
+                    "row": np.arange(i, i + len(part))})
+    return out
+
+
+class _Shard:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_batches(self, **kw):
+        return iter(self.batches)
+
+
+def test_micro_batches_fill_the_budget_with_whole_pairs_in_order():
+    rng = random.Random(0)
+    lengths = [(rng.randint(5, 60), rng.randint(1, 200), rng.randint(1, 200)) for _ in range(50)]
+    cfg = RunConfig.from_dict({"data": {"train_files": ["x"], "max_length": 256, "max_prompt_length": 64,
+                                        "token_budget": 600, "shuffle": False},
+                               "train": {"micro_batch_size": 4, "total_batch_size": 8, "num_workers": 1}})
+    micro = list(iter_micro(_Shard(_batches(lengths, 4)), cfg, epoch=0))
+    rows = [r for m in micro for r in m["row"]]
+    assert rows == list(range(50))  # order kept, nothing lost
+    costs = [sum(2 * p + c + r for p, c, r in (lengths[i] for i in m["row"])) for m in micro]
+    assert all(c <= 600 for c in costs)
+    # greedy: the next pair would not have fitted
+    for m, c in zip(micro[:-1], costs):
+        nxt = lengths[m["row"][-1] + 1]
+        assert c + 2 * nxt[0] + nxt[1] + nxt[2] > 600
+    plain = cfg.__class__.from_dict(dict(cfg.to_dict(), data=dict(cfg.to_dict()["data"], token_budget=None)))
+    assert [len(b["row"]) for b in iter_micro(_Shard(_batches(lengths, 4)), plain, 0)] == [4] * 12 + [2]
+
+
+@pytest.mark.parametrize("world,gas", [(1, 1), (2, 2), (3, 4)])
+def test_loss_scale_makes_each_step_a_mean_over_all_its_pairs(world, gas):
+    """DeepSpeed backpropagates loss / gas on each rank and averages gradients over
+    ranks; with the scale, that sum equals the mean of the per-pair losses of the whole
+    step (a linear stand-in for the gradient, which is linear in the loss)."""
+    rng = np.random.default_rng(world * 10 + gas)
+    micro = [[rng.normal(size=rng.integers(1, 9)) for _ in range(gas)] for _ in range(world)]
+    step_pairs = sum(len(m) for rank in micro for m in rank)
+    applied = sum(budget_loss_scale(len(m), world, gas, step_pairs) * m.mean() / gas
+                  for rank in micro for m in rank) / world
+    assert math.isclose(applied, np.concatenate([m for rank in micro for m in rank]).mean(), rel_tol=1e-12)
+
+
+def test_fixed_micro_batches_are_the_budget_special_case():
+    """Equal micro-batches everywhere: the scale is 1, i.e. the usual mean of means."""
+    assert budget_loss_scale(4, 2, 3, 4 * 2 * 3) == 1.0
