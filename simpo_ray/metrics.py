@@ -4,7 +4,8 @@ A step's micro-batches add per-pair sums into a ``Sums`` (a dict of floats); the
 worker all-reduces it across ranks; ``to_metrics`` turns sums into means. Keys:
 ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``,
 ``logps/accuracies`` (likelihood ranking), ``lengths/{chosen,rejected}``,
-``margin_reached``; eval the same under ``eval/``.
+``margin_reached``; eval the same under ``eval/``. ``sys/rss_mb``: the largest
+worker's resident memory (MiB) at the report, to see a leak over a long run.
 """
 
 from __future__ import annotations
@@ -66,6 +67,32 @@ def all_reduce_sums(sums: dict) -> dict:
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def rss_mb() -> float:
+    """This process's current resident memory in MiB (Linux /proc; psutil elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` over every rank (a collective: all ranks must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def to_metrics(sums: dict, prefix: str = "") -> dict:

@@ -327,6 +327,7 @@ def step_report(engine, sums: dict, tokens: int, seconds: float, step: int, epoc
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         # Every rank ran for about the same wall time, so global tokens / seconds.
         "tokens_per_s": total["tokens"] / max(seconds, 1e-9),
+        "sys/rss_mb": metrics.max_over_ranks(metrics.rss_mb()),  # the largest worker's, for leaks
     })
     return out
 
