@@ -168,11 +168,16 @@ def main(argv=None) -> int:
         gp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
         gp.set_defaults(fn=_generate)
     args = p.parse_args(argv)
+    from simpo_ray.sources import DataError
+
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"simpo-ray: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # bad input found before training: file, row, reason; no traceback
+        print(f"simpo-ray: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class TinyModelConfig:
     max_position_embeddings: int = 1024
     seed: int = 0
 
+    def validate(self, path: str) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            _positive(f"{path}.{name}", getattr(self, name))
+
 
 @dataclass
 class ModelConfig:
@@ -69,6 +73,7 @@ class ModelConfig:
             raise ConfigError(f"{path}.name_or_path", "must not be empty")
         if self.logps_chunk_size < 0:
             raise ConfigError(f"{path}.logps_chunk_size", "must be >= 0 (0: plain logits)")
+        self.tiny.validate(f"{path}.tiny")
 
 
 @dataclass
@@ -197,6 +202,10 @@ class OptimConfig:
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.lr", self.lr)
+        for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW refuses these only inside the worker
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{path}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        _positive(f"{path}.adam_eps", self.adam_eps)
         _choice(f"{path}.schedule", self.schedule, ("cosine", "linear", "constant"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{path}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
@@ -440,6 +449,8 @@ class RunConfig:
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError("<file>", f"config file not found: {path}") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:  # a binary file, a folder
+            raise ConfigError("<file>", f"{path} is not a YAML text file ({type(e).__name__}: {e})") from None
         except yaml.YAMLError as e:
             raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

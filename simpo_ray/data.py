@@ -29,6 +29,8 @@ INVALID_UTF8, INVALID_JSON, NOT_OBJECT = "invalid UTF-8", "invalid JSON", "not a
 MISSING, WRONG_TYPE, EMPTY = "missing field", "wrong type", "empty text"
 SAME, PROMPT_DIFFERS, NON_TEXT = "chosen == rejected", "prompt differs", "non-text content"
 BAD_CONVERSATION, TOKENIZATION = "bad conversation", "tokenization"
+# A whole file the parser refuses (not a row): stops the run in both modes.
+UNREADABLE = "unreadable file"
 # Not malformed input but a consequence of max_length: dropped and counted in both modes.
 TRUNCATED_SAME = "identical after truncation"
 NON_FATAL = frozenset({TRUNCATED_SAME})
@@ -39,9 +41,17 @@ KEEP = ["prompt_ids", "chosen_ids", "rejected_ids", "source", "row"]
 
 
 # ---------------------------------------------------------------- row shapes
+def _kind(value) -> str:
+    """The type of a value as the user wrote it (see ``_json_default`` for the tag)."""
+    if isinstance(value, dict) and set(value) == {NON_JSON_TAG}:
+        return str(value[NON_JSON_TAG])
+    return type(value).__name__
+
+
 def _messages(value, field: str) -> list[dict]:
     if not isinstance(value, list):
-        raise RowError(f"'{field}' must be a non-empty string or list of messages", WRONG_TYPE)
+        raise RowError(f"'{field}' must be a non-empty string or list of messages, got {_kind(value)}",
+                       WRONG_TYPE)
     if not value:
         raise RowError(f"'{field}' is an empty list", EMPTY)
     out = []
@@ -80,7 +90,8 @@ def normalize_row(row: dict, column_map: dict | None = None) -> tuple[list[dict]
         turns = c[:-1] or None
         chosen, rejected = c[-1]["content"], r[-1]["content"]
     elif not isinstance(chosen, str) or not isinstance(rejected, str):
-        raise RowError(f"'{name['chosen']}' and '{name['rejected']}' must be text or message lists", WRONG_TYPE)
+        raise RowError(f"'{name['chosen']}' and '{name['rejected']}' must be text or message lists, got "
+                       f"{_kind(chosen)} and {_kind(rejected)}", WRONG_TYPE)
     if turns is None:
         if prompt is None:
             raise RowError(f"missing field '{name['prompt']}'", MISSING)
@@ -90,13 +101,25 @@ def normalize_row(row: dict, column_map: dict | None = None) -> tuple[list[dict]
             turns = [{"role": "user", "content": prompt}]
         else:
             turns = _messages(prompt, name["prompt"])
+    if not any(m["content"].strip() for m in turns):
+        raise RowError("empty prompt (every prompt message is blank)", EMPTY)
     if not chosen.strip():
         raise RowError("empty chosen", EMPTY)
     if not rejected.strip():
         raise RowError("empty rejected", EMPTY)
     if chosen == rejected:
         raise RowError("chosen == rejected", SAME)
+    for field_name, text in [("prompt", m["content"]) for m in turns] + [("chosen", chosen), ("rejected", rejected)]:
+        _check_unicode(text, name[field_name])
     return turns, chosen, rejected
+
+
+def _check_unicode(text: str, field: str) -> None:
+    """JSON escapes can spell lone surrogates (``\\ud800``): text no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"'{field}' is not valid Unicode ({e.reason} at character {e.start})", INVALID_UTF8) from None
 
 
 # ---------------------------------------------------------------- tokenization
@@ -105,9 +128,12 @@ def render(tokenizer, turns: list[dict], completion: str) -> tuple[str, str]:
     if tokenizer.chat_template is None:
         prompt = "\n\n".join(m["content"] for m in turns) + "\n\n"
         return (tokenizer.bos_token or "") + prompt, completion + (tokenizer.eos_token or "")
-    prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        turns + [{"role": "assistant", "content": completion}], tokenize=False)
+    try:  # templates refuse some conversations (e.g. a system turn): that row, not the run
+        prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(
+            turns + [{"role": "assistant", "content": completion}], tokenize=False)
+    except Exception as e:
+        raise RowError(f"chat template refused the conversation ({type(e).__name__}: {e})", TOKENIZATION) from None
     if not full.startswith(prompt):
         raise RowError("chat template does not render the conversation as prompt + completion", TOKENIZATION)
     return prompt, full[len(prompt):]
@@ -122,7 +148,10 @@ def tokenize_triplet(tokenizer, turns, chosen: str, rejected: str,
     assert p_text == p_text_r, "prompt rendered differently for chosen and rejected"
     # The template writes BOS itself; the tokenizer must not add another.
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt_ids, chosen_ids, rejected_ids = enc(p_text), enc(c_text), enc(r_text)
+    try:  # a tokenizer error is this row's, never the pipeline's
+        prompt_ids, chosen_ids, rejected_ids = enc(p_text), enc(c_text), enc(r_text)
+    except Exception as e:
+        raise RowError(f"tokenizer refused the text ({type(e).__name__}: {e})", TOKENIZATION) from None
     bos = tokenizer.bos_token_id
     if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos == prompt_ids[1]:
         raise RowError("double BOS after chat template", TOKENIZATION)
@@ -142,12 +171,13 @@ def tokenize_triplet(tokenizer, turns, chosen: str, rejected: str,
 
 
 def process_row(tokenizer, row: dict, *, max_length: int, max_prompt_length: int,
-                column_map: dict | None = None) -> tuple[list[dict], dict]:
+                column_map: dict | None = None, vocab_size: int | None = None) -> tuple[list[dict], dict]:
     """One raw row -> (prompt turns, triplet). The one code path that training
-    (the Tokenize UDF) and ``data inspect`` share. Raises RowError."""
+    (the Tokenize UDF) and ``data inspect`` share. ``vocab_size`` (the model's) bounds
+    the ids of pre-tokenized rows. Raises RowError."""
     turns, chosen, rejected = normalize_row(row, column_map)
     if all(row.get(k) is not None for k in IDS):
-        return turns, ids_triplet(row, max_length, max_prompt_length)
+        return turns, ids_triplet(row, max_length, max_prompt_length, vocab_size)
     return turns, tokenize_triplet(tokenizer, turns, chosen, rejected, max_length, max_prompt_length)
 
 
@@ -157,15 +187,18 @@ def process_row(tokenizer, row: dict, *, max_length: int, max_prompt_length: int
 IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def ids_triplet(row: dict, max_length: int, max_prompt_length: int) -> dict:
-    """A row's own ids -> the triplet, truncated like ``tokenize_triplet``."""
+def ids_triplet(row: dict, max_length: int, max_prompt_length: int, vocab_size: int | None = None) -> dict:
+    """A row's own ids -> the triplet, truncated like ``tokenize_triplet``. An id at or
+    above ``vocab_size`` is refused here: in the worker it would be an index error."""
     ids = {}
     for k in IDS:
         v = row[k]
-        if not isinstance(v, list) or not all(isinstance(t, int) and t >= 0 for t in v):
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
             raise RowError(f"'{k}' must be a list of token ids", WRONG_TYPE)
         if not v:
             raise RowError(f"'{k}' is empty", EMPTY)
+        if vocab_size is not None and max(v) >= vocab_size:
+            raise RowError(f"'{k}' holds token id {max(v)}, beyond the model's vocabulary ({vocab_size})", WRONG_TYPE)
         ids[k] = v
     p, c, r = ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"]
     raw = {"prompt_len": len(p), "chosen_len": len(c), "rejected_len": len(r)}
@@ -234,22 +267,37 @@ def read_files_batch(batch: dict) -> Iterator[dict]:
     so heterogeneous shapes never fight over an Arrow schema)."""
     for path in batch["path"]:
         rows: dict = {k: [] for k in _RAW_COLUMNS}
-        for n, row in iter_file_rows(str(path)):
-            rows["source"].append(str(path))
-            rows["row"].append(n)
-            if isinstance(row, RowError):
-                rows["raw"].append("")
-                rows["error"].append(str(row))
-                rows["reason"].append(row.reason)
-            else:
-                rows["raw"].append(json.dumps(row, default=str))
-                rows["error"].append("")
-                rows["reason"].append("")
-            if len(rows["row"]) >= 1024:
-                yield rows
-                rows = {k: [] for k in _RAW_COLUMNS}
+        last = 0
+        try:
+            for last, row in iter_file_rows(str(path)):
+                rows["source"].append(str(path))
+                rows["row"].append(last)
+                if isinstance(row, RowError):
+                    rows["raw"].append("")
+                    rows["error"].append(str(row))
+                    rows["reason"].append(row.reason)
+                else:
+                    rows["raw"].append(json.dumps(row, default=_json_default))
+                    rows["error"].append("")
+                    rows["reason"].append("")
+                if len(rows["row"]) >= 1024:
+                    yield rows
+                    rows = {k: [] for k in _RAW_COLUMNS}
+        except DataError as e:  # the driver raises it (both modes), not a failed Ray task
+            for k, v in zip(_RAW_COLUMNS, (str(path), last + 1, "", str(e), UNREADABLE)):
+                rows[k].append(v)
         if rows["row"]:
             yield rows
+
+
+# Values JSON has no type for (bytes, dates...) travel as a tag, so a bytes 'chosen'
+# is refused as the wrong type, as ``data inspect`` refuses it, instead of becoming
+# the text "b'...'".
+NON_JSON_TAG = "__simpo_ray_non_json__"
+
+
+def _json_default(value) -> dict:
+    return {NON_JSON_TAG: type(value).__name__}
 
 
 class Tokenize:
@@ -265,9 +313,10 @@ class Tokenize:
 
         from simpo_ray.engine import resolve_model_path
 
-        self.tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, tiny_spec))
+        path = resolve_model_path(name_or_path, tiny_spec)
+        self.tok = AutoTokenizer.from_pretrained(path)
         self.kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                           column_map=column_map or None)
+                           column_map=column_map or None, vocab_size=model_vocab_size(path))
         self.seed, self.eval_fraction = seed, eval_fraction
 
     def __call__(self, batch: dict) -> dict:
@@ -295,6 +344,16 @@ class Tokenize:
         return out
 
 
+def model_vocab_size(path: str) -> int | None:
+    """The model's embedding rows (from its config; None when it cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(path).get_text_config().vocab_size)
+    except Exception:  # no config (tokenizer-only folder): the worker's load will say so
+        return None
+
+
 def _assign_split(table, eval_groups: list):
     """map_batches UDF (pyarrow): split = eval for the chosen prompt groups."""
     import pyarrow as pa
@@ -314,6 +373,11 @@ def summarize_errors(errors: list, strict: bool, show: int = 5) -> dict:
     """
     full = [(e[0], e[1], e[2], e[3] if len(e) > 3 and e[3] else e[2]) for e in errors]
     counts = dict(Counter(reason for *_, reason in full))
+    unreadable = sorted(e for e in full if e[3] == UNREADABLE)
+    if unreadable:  # a file is not a row: lenient mode does not drop whole files
+        raise DataError("\n".join([f"{len(unreadable)} file(s) cannot be read (in strict and lenient mode):"]
+                                  + [f"  {msg}" for *_, msg, _ in unreadable]
+                                  + ["Fix or remove the file(s)."]))
     fatal = sorted(e for e in full if e[3] not in NON_FATAL)
     if fatal and strict:
         lines = [f"{len(fatal)} malformed row(s); counts per reason: {counts}"]

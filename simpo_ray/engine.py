@@ -148,8 +148,10 @@ def configure_threads(cpus: float) -> None:
 
 def check_model_folder(path: str) -> None:
     """Fail on the driver, before any worker starts, when a local model folder is
-    incomplete: no config, no weights, or shards named by the index but missing.
-    Only safetensors weights are accepted (no pickle is ever loaded)."""
+    incomplete: no config, no weights, shards named by the index but missing, or a
+    weights file whose safetensors header is unreadable or promises more bytes than
+    the file holds (a truncated copy). Only safetensors weights are accepted (no
+    pickle is ever loaded)."""
     import json
     from pathlib import Path
 
@@ -172,3 +174,29 @@ def check_model_folder(path: str) -> None:
         pickles = sorted(p.name for p in root.glob("*.bin"))
         hint = f" (found {pickles[0]}: convert pickle weights to safetensors first)" if pickles else ""
         raise FileNotFoundError(f"model folder {root}: no model.safetensors or sharded index{hint}")
+    else:
+        shards = ["model.safetensors"]
+    for s in shards:
+        _check_safetensors(root / s)
+
+
+def _check_safetensors(path) -> None:
+    """The 8-byte header length, the JSON header, and the data it promises: a few KB
+    read per file, no tensor loaded."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"model folder {path.parent}: {path.name} is not a safetensors file or is "
+                             f"truncated ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"model folder {path.parent}: {path.name} has an unreadable header ({e})") from None
+    if 8 + n + end > size:
+        raise ValueError(f"model folder {path.parent}: {path.name} is truncated: {size} bytes, its header "
+                         f"describes {8 + n + end}")

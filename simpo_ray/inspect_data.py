@@ -15,21 +15,22 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from simpo_ray.data import NON_FATAL, RowError, expand_files, iter_file_rows, process_row
+from simpo_ray.data import NON_FATAL, RowError, expand_files, iter_file_rows, model_vocab_size, process_row
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
 def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
     """Scan every row of ``cfg.data``'s sources. Returns the report dict (JSON-able)."""
+    from simpo_ray.engine import resolve_model_path
+
     d = cfg.data
+    path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        from simpo_ray.engine import resolve_model_path
-
-        path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    vocab_size = model_vocab_size(path)
     sources = expand_files(d.train_files) + (expand_files(d.eval_files) if d.eval_files else [])
     reasons: Counter = Counter()
     offenders, rows_read, truncated = [], 0, 0
@@ -42,7 +43,8 @@ def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
                 if isinstance(row, RowError):
                     raise row
                 _, t = process_row(tokenizer, row, max_length=d.max_length,
-                                   max_prompt_length=d.max_prompt_length, column_map=d.column_map or None)
+                                   max_prompt_length=d.max_prompt_length, column_map=d.column_map or None,
+                                   vocab_size=vocab_size)
             except RowError as e:
                 reasons[e.reason] += 1
                 offenders.append((src, n, str(e), e.reason))

@@ -124,7 +124,23 @@ def _files_under(folder: str) -> list[str]:
 
 # ---------------------------------------------------------------- rows
 def iter_file_rows(path: str) -> Iterator[tuple[int, object]]:
-    """Yield (row_number, row_dict_or_RowError), row numbers 1-based (JSONL: the line)."""
+    """Yield (row_number, row_dict_or_RowError), row numbers 1-based (JSONL: the line).
+
+    A file that cannot be parsed at all (not Parquet, a broken JSON array, bytes that
+    are not UTF-8 in a CSV, a damaged save_to_disk folder) raises ``DataError`` naming
+    the file, the last row read and the parser's reason."""
+    n = 0
+    try:
+        for n, row in _rows(path):
+            yield n, row
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow, csv, json, OS errors: whatever the parser says, with the file
+        where = f" after row {n}" if n else ""
+        raise DataError(f"{path}: cannot be read{where} ({type(e).__name__}: {e})") from None
+
+
+def _rows(path: str) -> Iterator[tuple[int, object]]:
     if path.startswith(HUB_PREFIX):
         yield from _hub_rows(path)
         return
@@ -141,12 +157,15 @@ def iter_file_rows(path: str) -> Iterator[tuple[int, object]]:
                 yield n, row
         return
     if path.endswith(".csv"):
+        # A field longer than csv's default 128 KiB limit is an enormous row, not a broken
+        # file: read it, and let truncation to max_length deal with it as for JSONL.
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
         with open(path, newline="", encoding="utf-8", errors="strict") as f:
             try:
                 for n, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
                     yield n, row
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: {_first_bad_utf8(path)} (a CSV file is read as UTF-8 text)") from None
         return
     if path.endswith(".json") and _starts_with_bracket(path):  # one JSON array, not JSONL
         yield from _json_array_rows(path)
@@ -169,6 +188,20 @@ def iter_file_rows(path: str) -> Iterator[tuple[int, object]]:
                                                                 "not a JSON object")
 
 
+def _first_bad_utf8(path: str) -> str:
+    """Where a file stops being UTF-8: its line and byte (text is decoded in chunks, so
+    the decoder's own offset is not the file's)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"invalid UTF-8 at line {line_no}, byte {offset + e.start}"
+            offset += len(raw)
+    return "invalid UTF-8"
+
+
 def _starts_with_bracket(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
@@ -180,7 +213,10 @@ def _json_array_rows(path: str) -> Iterator[tuple[int, object]]:
     try:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a valid JSON array ({_first_bad_utf8(path)}); "
+                        "use JSON Lines for row-level errors") from None
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: not a valid JSON array ({e}); use JSON Lines for row-level errors") from None
     for n, row in enumerate(rows, start=1):
         yield n, row if isinstance(row, dict) else RowError("row is not a JSON object", "not a JSON object")
