@@ -102,68 +102,111 @@ def sequence_logps(logits: Tensor, labels: Tensor, average: bool = True) -> Tens
     return sums / counts.to(dtype) if average else sums
 
 
-class _ChunkedLinearLogp(torch.autograd.Function):
-    """log softmax(h @ W.T + b)[y] for M scored positions, chunk by chunk.
+# fp32 elements of one lm_head slice when the weight is in low precision: 64 Mi
+# (256 MiB; 8192 vocab rows at hidden 8192), instead of a float32 copy of all of it.
+VOCAB_SLICE_ELEMENTS = 1 << 26
 
-    forward(hidden (M, H), weight (V, H), bias (V,) or None, labels (M,), chunk_size)
-    -> (M,) token log-probs. Only the (M,) logsumexp is kept; backward recomputes
-    each chunk's logits. With g = d out / d logits = grad_out * (onehot(y) - softmax):
-    grad_hidden = g @ W, grad_W = sum over chunks of g.T @ h, grad_b = sum of g.
-    Peak extra memory is one (chunk, V) buffer plus a float32 copy of W (and of
-    grad_W) when W is in low precision.
+
+def _vocab_slice(weight: Tensor, dtype: torch.dtype) -> int:
+    """Vocab rows per slice: all of them when the weight already has the compute dtype
+    (no copy is made), else enough for ``VOCAB_SLICE_ELEMENTS`` float32 elements."""
+    if weight.dtype == dtype:
+        return weight.shape[0]
+    return max(1, min(weight.shape[0], VOCAB_SLICE_ELEMENTS // max(weight.shape[1], 1)))
+
+
+class _ChunkedLinearLogp(torch.autograd.Function):
+    """log softmax(h @ W.T + b)[y] for M scored positions, block by block.
+
+    forward(hidden (M, H), weight (V, H), bias (V,) or None, labels (M,), chunk_size,
+    vocab_slice) -> (M,) token log-probs. Blocks are (chunk_size rows) x (vocab_slice
+    columns); the logsumexp runs online across vocab slices (running max and sum), and
+    only the (M,) logsumexp is kept. Backward recomputes each block's logits. With
+    g = d out / d logits = grad_out * (onehot(y) - softmax): grad_hidden = g @ W,
+    grad_W = g.T @ h, grad_b = sum of g, each block adding its share.
+
+    Math is float32 (float64 stays float64). A low-precision W is converted one vocab
+    slice at a time, and its gradient accumulated per slice in float32, so the extra
+    memory is one (chunk, slice) buffer plus two float32 slices, never a float32 copy
+    of the whole lm_head (4 V H bytes each: 4 GiB at vocab 128k, hidden 8k).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, vocab_slice):  # type: ignore[override]
         dtype = _compute_dtype(hidden.dtype, weight.dtype)
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        token_logps = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
-        lse = torch.empty_like(token_logps)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end].to(dtype), w, b)
-            label_logit = logits.gather(1, labels[start:end, None]).squeeze(1)
-            m = logits.amax(dim=1)
-            # In place: the chunk's logits are not needed after this.
-            chunk_lse = logits.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
-            lse[start:end] = chunk_lse
-            token_logps[start:end] = label_logit - chunk_lse
-            del logits  # else the next chunk's buffer is allocated while this one lives
+        M, V = hidden.shape[0], weight.shape[0]
+        run_max = torch.full((M,), float("-inf"), dtype=dtype, device=hidden.device)
+        run_sum = torch.zeros(M, dtype=dtype, device=hidden.device)
+        label_logit = torch.zeros(M, dtype=dtype, device=hidden.device)
+        for v0 in range(0, V, vocab_slice):
+            w, b = _slice(weight, bias, v0, vocab_slice, dtype)
+            for start in range(0, M, chunk_size):
+                end = start + chunk_size
+                logits = _chunk_logits(hidden[start:end].to(dtype), w, b)
+                local, hit = _local_labels(labels[start:end], v0, w.shape[0])
+                label_logit[start:end] += logits.gather(1, local[:, None]).squeeze(1).masked_fill_(~hit, 0)
+                m_old = run_max[start:end]
+                m_new = torch.maximum(m_old, logits.amax(dim=1))
+                # In place: the block's logits are not needed after this.
+                block = logits.sub_(m_new[:, None]).exp_().sum(dim=1)
+                run_sum[start:end] = run_sum[start:end] * torch.exp(m_old - m_new) + block
+                run_max[start:end] = m_new
+                del logits  # else the next block's buffer is allocated while this one lives
+        lse = run_max + run_sum.log()
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk_size = chunk_size
-        return token_logps
+        ctx.chunk_size, ctx.vocab_slice = chunk_size, vocab_slice
+        return label_logit - lse
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dtype = lse.dtype
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        dtype, V = lse.dtype, weight.shape[0]
         grad_out = grad_out.to(dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
-            h = hidden[start:end].to(dtype)
-            go = grad_out[start:end]
-            # softmax, then g = go * (onehot - softmax), all in the one buffer.
-            g = _chunk_logits(h, w, b).sub_(lse[start:end, None]).exp_().mul_(-go[:, None])
-            g.scatter_add_(1, labels[start:end, None], go[:, None])
-            if need_h:
-                grad_h[start:end] = (g @ w).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(g.t(), h)
+        grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
+        same = weight.dtype == dtype  # accumulate straight into the result, no slice buffer
+        grad_w = (torch.zeros_like(weight) if same else torch.empty_like(weight)) if need_w else None
+        grad_b = (torch.zeros_like(bias) if bias.dtype == dtype else torch.empty_like(bias)) if need_b else None
+        for v0 in range(0, V, ctx.vocab_slice):
+            w, b = _slice(weight, bias, v0, ctx.vocab_slice, dtype)
+            v1 = v0 + w.shape[0]
+            gw = (grad_w[v0:v1] if same else torch.zeros(w.shape, dtype=dtype, device=w.device)) if need_w else None
+            gb = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_b else None
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                end = start + ctx.chunk_size
+                h = hidden[start:end].to(dtype)
+                go = grad_out[start:end]
+                local, hit = _local_labels(labels[start:end], v0, w.shape[0])
+                # softmax, then g = go * (onehot - softmax), all in the one buffer.
+                g = _chunk_logits(h, w, b).sub_(lse[start:end, None]).exp_().mul_(-go[:, None])
+                g.scatter_add_(1, local[:, None], (go * hit)[:, None])
+                if need_h:
+                    grad_h[start:end] += g @ w
+                if need_w:
+                    gw.addmm_(g.t(), h)
+                if need_b:
+                    gb += g.sum(dim=0)
+                del g
+            if need_w and not same:
+                grad_w[v0:v1] = gw.to(weight.dtype)
             if need_b:
-                grad_b += g.sum(dim=0)
-            del g
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+                grad_b[v0:v1] = gb.to(bias.dtype)
+        if need_h:
+            grad_h = grad_h.to(hidden.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _slice(weight: Tensor, bias: Optional[Tensor], v0: int, n: int, dtype: torch.dtype):
+    """Rows [v0, v0 + n) of the head in the compute dtype (a view when it already is)."""
+    w = weight[v0:v0 + n].to(dtype)
+    return w, (bias[v0:v0 + n].to(dtype) if bias is not None else None)
+
+
+def _local_labels(labels: Tensor, v0: int, n: int):
+    """Labels as columns of the slice [v0, v0 + n) (clamped), and which fall in it."""
+    local = labels - v0
+    hit = (local >= 0) & (local < n)
+    return local.clamp_(0, n - 1), hit
 
 
 def _chunk_logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -178,6 +221,7 @@ def chunked_sequence_logps(
     chunk_size: int = 1024,
     average: bool = True,
     bias: Optional[Tensor] = None,
+    vocab_slice: Optional[int] = None,
 ) -> Tensor:
     """``sequence_logps(hidden @ weight.T + bias, labels, average)`` without the logits.
 
@@ -190,6 +234,8 @@ def chunked_sequence_logps(
             floats. Ignored positions are skipped, not computed.
         average: per-token average (SimPO) or sum.
         bias: optional (V,) lm_head bias.
+        vocab_slice: vocab rows per block (default: all for a float32 weight; for a
+            bf16 one, slices of ``VOCAB_SLICE_ELEMENTS`` float32 elements).
 
     Returns: (B,) float32 (float64 for float64 inputs), differentiable with
     respect to hidden, weight and bias.
@@ -201,6 +247,9 @@ def chunked_sequence_logps(
         )
     if weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"hidden size {hidden.shape[2]} != weight.shape[1] {weight.shape[1]}")
+    if vocab_slice is not None and (isinstance(vocab_slice, bool) or not isinstance(vocab_slice, int)
+                                    or vocab_slice < 1):
+        raise ValueError(f"vocab_slice must be an int >= 1 or None, got {vocab_slice!r}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -212,7 +261,8 @@ def chunked_sequence_logps(
     # Position t of row b predicts labels[b, t + 1]; index the unshifted (B*T, H)
     # view so no (B, T-1, H) copy is made.
     h = hidden.reshape(B * T, H).index_select(0, rows * T + cols)
-    token_logps = _ChunkedLinearLogp.apply(h, weight, bias, shifted[rows, cols].long(), chunk_size)
+    token_logps = _ChunkedLinearLogp.apply(h, weight, bias, shifted[rows, cols].long(), chunk_size,
+                                           vocab_slice or _vocab_slice(weight, _compute_dtype(hidden.dtype, weight.dtype)))
     sums = token_logps.new_zeros(B).index_add(0, rows, token_logps)
     return sums / counts.to(sums.dtype) if average else sums
 
@@ -278,7 +328,7 @@ def packed_sequence_logps(logits: Tensor, labels: Tensor, sequence_index: Tensor
 def packed_chunked_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor,
                                   sequence_index: Tensor, num_sequences: int, *,
                                   chunk_size: int = 1024, average: bool = True,
-                                  bias: Optional[Tensor] = None) -> Tensor:
+                                  bias: Optional[Tensor] = None, vocab_slice: Optional[int] = None) -> Tensor:
     """``packed_sequence_logps(hidden @ weight.T + bias, ...)`` without the logits
     (the chunked head of ``chunked_sequence_logps``, summed per sequence).
 
@@ -293,6 +343,7 @@ def packed_chunked_sequence_logps(hidden: Tensor, weight: Tensor, labels: Tensor
     mask, ids, counts = _check_packed(labels, sequence_index, num_sequences, weight.shape[0])
     rows, cols = mask.nonzero(as_tuple=True)
     h = hidden.reshape(R * L, H).index_select(0, rows * L + cols)
-    token_logps = _ChunkedLinearLogp.apply(h, weight, bias, labels[:, 1:][rows, cols].long(), chunk_size)
+    token_logps = _ChunkedLinearLogp.apply(h, weight, bias, labels[:, 1:][rows, cols].long(), chunk_size,
+                                           vocab_slice or _vocab_slice(weight, _compute_dtype(hidden.dtype, weight.dtype)))
     sums = token_logps.new_zeros(num_sequences).index_add(0, ids, token_logps)
     return sums / counts.to(sums.dtype) if average else sums

@@ -23,8 +23,10 @@ tokens (chosen and rejected run in one forward), a bytes per element:
   gradient checkpointing: every layer's input (a h per token) + one layer recomputed;
   without: every layer's full set.
 The logits head, V = vocab:
-  chunked (model.logps_chunk_size > 0): one (chunk, V) float32 buffer, plus float32
-      copies of the lm_head weight and its gradient (8 V h bytes) when weights are bf16
+  chunked (model.logps_chunk_size > 0): one (chunk, V) float32 buffer and the weight's
+      float32 gradient (4 V h) for fp32 weights; for bf16 ones blocks of (chunk, S)
+      with S = 2^26 / h vocab rows, float32 slices of the weight and its gradient
+      (8 S h) and a float32 grad of the scored hidden states (4 x tokens x h)
   plain (0, and always for soft-capped models like Gemma-2): the (2m, T, V) logits,
       their float32 rows kept for the log-softmax backward and the logits gradient:
       2m T V (2a + 4) (+a with soft-capping), plus two float32 rows (2 T V 4).
@@ -271,10 +273,18 @@ def head_bytes(shape: ModelShape, micro_pairs: int, seq_len: int, dtype: str, ch
     v, h = shape.vocab_size, shape.hidden_size
     rows = 2 * micro_pairs * seq_len
     if chunk_size and not shape.final_logit_softcapping:
-        w_copies = 8 * v * h if a == 2 else 4 * v * h  # fp32 weight copy + fp32 grad (fp32: grad only)
-        return min(chunk_size, rows) * v * 4 + w_copies
+        if a == 2:  # a float32 slice of the weight and one of its gradient, and a float32 grad_h
+            sl = min(v, _vocab_rows(shape))
+            return min(chunk_size, rows) * sl * 4 + 8 * sl * h + rows * h * 4
+        return min(chunk_size, rows) * v * 4 + 4 * v * h  # fp32: the weight's gradient
     soft = a if shape.final_logit_softcapping else 0
     return rows * v * (2 * a + 4 + soft) + 2 * seq_len * v * 4
+
+
+def _vocab_rows(shape: ModelShape) -> int:
+    from simpo_ray.logps import VOCAB_SLICE_ELEMENTS
+
+    return VOCAB_SLICE_ELEMENTS // shape.hidden_size
 
 
 def effective_chunk(cfg: RunConfig, shape: ModelShape) -> int:
@@ -445,7 +455,9 @@ def _describe_items(p: Plan) -> dict:
         "activations": f"{seqs} seqs x {cfg.data.max_length} tokens, "
                        + ("checkpointed" if m.gradient_checkpointing else "no checkpointing")
                        + (", eager attention" if m.attn_implementation == "eager" else ""),
-        "logits_head": (f"chunked {chunk} x vocab {s.vocab_size}" if chunk else
+        "logits_head": (f"chunked {chunk} x vocab {s.vocab_size}"
+                        + (f", bf16 head in fp32 slices of {min(s.vocab_size, _vocab_rows(s))} rows"
+                           if m.dtype == "bfloat16" else "") if chunk else
                         f"plain ({seqs}, {cfg.data.max_length}, {s.vocab_size}) logits"
                         + (", soft-capped" if s.final_logit_softcapping else "")),
         "runtime": "fixed allowance",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from simpo_ray.logps import chunked_sequence_logps, sequence_logps, token_counts
+import simpo_ray.logps as logps_mod
 
 F64 = torch.float64
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -80,6 +81,8 @@ def test_shape_errors():
         chunked_sequence_logps(torch.randn(1, 3, 4), torch.randn(5, 4), torch.ones(1, 3, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="hidden size"):
         chunked_sequence_logps(torch.randn(1, 3, 4), torch.randn(5, 3), torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_slice"):
+        chunked_sequence_logps(torch.randn(1, 3, 4), torch.randn(5, 4), torch.ones(1, 3, dtype=torch.long), vocab_slice=0)
 
 
 def random_case(seed, B=3, T=9, H=8, V=13, dtype=torch.float32, bias=True):
@@ -106,8 +109,9 @@ def test_chunked_matches_plain_values_and_gradients(seed, average):
     plain = sequence_logps(hidden @ weight.T + bias, labels, average=average)
     plain_grads = torch.autograd.grad((plain * upstream).sum(), leaves)
     n_scored = int(token_counts(labels).sum())
-    for chunk_size in (1, 2, 5, n_scored, 1000):
-        out = chunked_sequence_logps(hidden, weight, labels, chunk_size=chunk_size, average=average, bias=bias)
+    for chunk_size, vocab_slice in ((1, None), (2, 1), (5, 4), (n_scored, 13), (1000, 6), (3, 100)):
+        out = chunked_sequence_logps(hidden, weight, labels, chunk_size=chunk_size, average=average, bias=bias,
+                                     vocab_slice=vocab_slice)
         assert out.dtype == torch.float32 and out.shape == (3,)
         assert rel_err(out, plain) < 1e-5, chunk_size
         grads = torch.autograd.grad((out * upstream).sum(), leaves)
@@ -131,13 +135,14 @@ def test_chunked_gradcheck_float64():
     for x in (hidden, weight, bias):
         x.requires_grad_()
 
-    def fn(h, w, b):
-        return chunked_sequence_logps(h, w, labels, chunk_size=2, bias=b)
+    for vocab_slice in (None, 2):
+        def fn(h, w, b):
+            return chunked_sequence_logps(h, w, labels, chunk_size=2, bias=b, vocab_slice=vocab_slice)
 
-    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+        assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
-def test_bfloat16_paths():
+def test_bfloat16_paths(monkeypatch):
     hidden, weight, _, labels, upstream = random_case(4, B=2, T=12, H=16, V=40, bias=False)
     h16, w16 = hidden.bfloat16(), weight.bfloat16()
     # Plain: bf16 logits are scored in float32, so they equal the upcast logits' score.
@@ -151,6 +156,10 @@ def test_bfloat16_paths():
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (ref_h, ref_w))
     h16.requires_grad_()
     w16.requires_grad_()
+    # A bf16 head is converted to float32 one vocab slice at a time (never all of it):
+    # slices of 7 rows here; the numbers are those of the whole float32 head.
+    monkeypatch.setattr(logps_mod, "VOCAB_SLICE_ELEMENTS", 7 * 16)
+    assert logps_mod._vocab_slice(w16, torch.float32) == 7 and logps_mod._vocab_slice(w16.float(), torch.float32) == 40
     out = chunked_sequence_logps(h16, w16, labels, chunk_size=3)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5

@@ -104,10 +104,16 @@ def test_activation_and_head_terms_behave():
     assert activation_bytes(s, 4, 2048, "bfloat16", False, "sdpa") == pytest.approx(2 * full, rel=1e-9)
     assert activation_bytes(s, 1, 2048, "bfloat16", True, "eager") > activation_bytes(s, 1, 2048, "bfloat16", True,
                                                                                       "sdpa")
-    # chunked: one (chunk, V) fp32 buffer + fp32 weight and grad copies, whatever the batch
+    # chunked, bf16: one (chunk, S) fp32 block, fp32 slices of S vocab rows of the weight and
+    # its gradient, and an fp32 grad of the scored hidden states; never a whole fp32 lm_head.
+    from simpo_ray.logps import VOCAB_SLICE_ELEMENTS
+
+    S, h = VOCAB_SLICE_ELEMENTS // s.hidden_size, s.hidden_size
     chunked = head_bytes(s, 2, 2048, "bfloat16", 1024)
-    assert chunked == 1024 * s.vocab_size * 4 + 8 * s.vocab_size * s.hidden_size
-    assert head_bytes(s, 8, 4096, "bfloat16", 1024) == chunked
+    assert chunked == 1024 * S * 4 + 8 * S * h + 2 * 2 * 2048 * h * 4
+    assert chunked < 0.3 * (1024 * s.vocab_size * 4 + 8 * s.vocab_size * h)  # the old whole-head copies
+    assert head_bytes(s, 8, 4096, "bfloat16", 1024) - chunked == (2 * 8 * 4096 - 2 * 2 * 2048) * h * 4
+    assert head_bytes(s, 2, 2048, "float32", 1024) == 1024 * s.vocab_size * 4 + 4 * s.vocab_size * h
     plain = head_bytes(s, 2, 2048, "bfloat16", 0)
     assert head_bytes(s, 4, 2048, "bfloat16", 0) > 1.9 * plain - 2 * 2048 * s.vocab_size * 4
     # soft-capped logits (Gemma-2) always take the plain path
