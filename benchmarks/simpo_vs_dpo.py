@@ -105,16 +105,20 @@ class Step:
         return float(norm)
 
 
-def reference_columns(batches, a, model_path: str, pad_id: int):
+def reference_columns(batches, a, model_path: str, pad_id: int, repeats: int = 1):
     """Add the reference pass's columns to each numpy batch; returns (batches, seconds per batch)."""
     from simpo_ray.reference import ReferenceLogps
 
     ref = ReferenceLogps(model_path, "float32", "sdpa", 1024, pad_id)
     out, secs = [], []
     for b in batches:
-        t0 = time.perf_counter()
-        out.append(ref(b))
-        secs.append(time.perf_counter() - t0)
+        best = math.inf
+        for _ in range(repeats):  # the fastest try, as for the training steps
+            t0 = time.perf_counter()
+            done = ref(b)
+            best = min(best, time.perf_counter() - t0)
+        out.append(done)
+        secs.append(best)
     del ref
     return out, secs
 
@@ -135,7 +139,7 @@ def throughput(size: str, a, tmp: str) -> dict:
     import torch
 
     tok, batches, model_path = setup(a, size, tmp)
-    with_ref, ref_secs = reference_columns(batches, a, model_path, tok.pad_token_id)
+    with_ref, ref_secs = reference_columns(batches, a, model_path, tok.pad_token_id, a.repeats)
     steps = {m: Step(m, size, a, model_path, tok.pad_token_id) for m in MODES}
     secs = dict.fromkeys(MODES, 0.0)
     first = {}
