@@ -26,7 +26,8 @@ rejected; the same count for every mode), padding waste (pad slots / all slots o
 the forward), peak RSS, all as ratios against trl. Timing: the modes are interleaved
 batch by batch; forward + backward is the fastest of ``--repeats`` tries on the same
 batch (other processes only ever add time), then clipping + the optimizer step are
-timed once. The first batch is a warm-up, not timed: on it, before any optimizer
+timed once. The same is kept in process CPU time (1 torch thread: steadier than wall
+time when other jobs share the cores), reported as a second ratio. The first batch is a warm-up, not timed: on it, before any optimizer
 step, the losses and gradient norms of all modes must agree (same weights, same
 rows). Peak RSS: each mode in a fresh subprocess (same imports: torch, transformers,
 TRL, simpo_ray), warm-up step, then the kernel's high-water mark is reset
@@ -40,7 +41,6 @@ threshold is fixed so that freed buffers return to the kernel.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -251,7 +251,7 @@ def throughput(size: str, a, rows, trips, tok, tmp: str) -> dict:
 
     runners = {m: build(m, size, a, rows, trips, tok, tmp) for m in MODES}
     work = [list(range(i, i + a.micro)) for i in range(0, (a.batches + 1) * a.micro, a.micro)]
-    secs, toks = dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0)
+    secs, cpu, toks = dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0)
     real, slots = dict.fromkeys(MODES, 0), dict.fromkeys(MODES, 0)
     first_loss, first_norm = {}, {}
     for i, idx in enumerate(work):
@@ -259,18 +259,20 @@ def throughput(size: str, a, rows, trips, tok, tmp: str) -> dict:
         for mode in MODES:
             r = runners[mode]
             inp = inputs_for(mode, r, idx, trips)
-            best = math.inf
+            best = best_cpu = math.inf
             for _ in range(a.repeats if i else 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss = r.forward_backward(inp)
                 best = min(best, time.perf_counter() - t0)
-            t0 = time.perf_counter()
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
             norm = r.optimizer_step()
-            opt_s = time.perf_counter() - t0
+            opt_s, opt_cpu = time.perf_counter() - t0, time.process_time() - c0
             if i == 0:  # warm-up: checked, not timed
                 first_loss[mode], first_norm[mode] = loss, norm
                 continue
             secs[mode] += best + opt_s
+            cpu[mode] += best_cpu + opt_cpu
             toks[mode] += n_tokens
             rt, st = r.slots(inp)
             real[mode] += rt
@@ -281,6 +283,7 @@ def throughput(size: str, a, rows, trips, tok, tmp: str) -> dict:
     loss_diff = max(abs(first_loss[m] - first_loss["trl"]) for m in MODES)
     norm_rel = max(abs(first_norm[m] - first_norm["trl"]) / first_norm["trl"] for m in MODES)
     return {"tokens_per_s": {m: toks[m] / secs[m] for m in MODES},
+            "tokens_per_cpu_s": {m: toks[m] / cpu[m] for m in MODES},
             "waste": {m: 1 - real[m] / slots[m] for m in MODES},
             "first_loss": first_loss, "first_loss_max_abs_diff": loss_diff,
             "first_grad_norm": first_norm, "first_grad_norm_max_rel_diff": norm_rel,
@@ -401,12 +404,13 @@ def main(argv=None) -> dict:
                   f"{t['first_loss_max_abs_diff']:.1e} (grad norm to {t['first_grad_norm_max_rel_diff']:.1e} "
                   f"relative); {t['timed_batches']} timed steps of {t['tokens_per_batch']:.0f} non-pad tokens; "
                   f"load {loadavg()}")
-            print("| mode | non-pad tokens/s | ratio vs trl | padding waste | peak RSS MiB | ratio vs trl "
-                  "| RSS above setup MiB | ratio vs trl |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            print("| mode | non-pad tokens/s | ratio vs trl | CPU-time ratio vs trl | padding waste | peak RSS MiB "
+                  "| ratio vs trl | RSS above setup MiB | ratio vs trl |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for m in MODES:
                 tps, w, r = t["tokens_per_s"][m], t["waste"][m], mem[m]
-                print(f"| {m} | {tps:.0f} | {tps / t['tokens_per_s']['trl']:.2f} | {w:.1%} | {r['peak_mib']:.0f} | "
+                cps = t["tokens_per_cpu_s"][m] / t["tokens_per_cpu_s"]["trl"]
+                print(f"| {m} | {tps:.0f} | {tps / t['tokens_per_s']['trl']:.2f} | {cps:.2f} | {w:.1%} | {r['peak_mib']:.0f} | "
                       f"{r['peak_mib'] / mem['trl']['peak_mib']:.2f} | {r['above_setup_mib']:.0f} | "
                       f"{r['above_setup_mib'] / mem['trl']['above_setup_mib']:.2f} |")
     results["loadavg_end"] = loadavg()

@@ -18,7 +18,8 @@ UltraFeedback-like generator), the same step (the worker's ``forward_batch`` /
                    apart: it costs one no-grad forward per pair per data pass.
 
 Time: modes interleaved batch by batch; forward + backward the fastest of
-``--repeats`` tries, then clipping + the optimizer step timed once; the first batch is
+``--repeats`` tries, then clipping + the optimizer step timed once (wall time, and
+process CPU time as a steadier second figure on a shared machine); the first batch is
 a warm-up on which both DPO modes must give ln 2 (policy = reference). Peak RSS: one
 fresh subprocess per mode (the reference pass of dpo-precomputed runs before the
 measured window, as it runs in other processes in the trainer), high-water mark reset
@@ -141,29 +142,31 @@ def throughput(size: str, a, tmp: str) -> dict:
     tok, batches, model_path = setup(a, size, tmp)
     with_ref, ref_secs = reference_columns(batches, a, model_path, tok.pad_token_id, a.repeats)
     steps = {m: Step(m, size, a, model_path, tok.pad_token_id) for m in MODES}
-    secs = dict.fromkeys(MODES, 0.0)
+    secs, cpu = dict.fromkeys(MODES, 0.0), dict.fromkeys(MODES, 0.0)
     first = {}
     tokens = 0
     for i, (b, br) in enumerate(zip(batches, with_ref)):
         for mode in MODES:
             s, inp = steps[mode], br if mode == "dpo-precomputed" else b
-            best = math.inf
+            best = best_cpu = math.inf
             for _ in range(a.repeats if i else 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss = s.forward_backward(inp)
                 best = min(best, time.perf_counter() - t0)
-            t0 = time.perf_counter()
+                best_cpu = min(best_cpu, time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
             s.optimizer_step()
             if i == 0:
                 first[mode] = loss
                 continue
             secs[mode] += best + time.perf_counter() - t0
+            cpu[mode] += best_cpu + time.process_time() - c0
         if i:
             tokens += sum(2 * len(p) + len(c) + len(r) for p, c, r in
                           zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]))
     assert torch.get_num_threads() == a.threads
     n = len(batches) - 1
-    return {"step_s": {m: secs[m] / n for m in MODES}, "tokens_per_s": {m: tokens / secs[m] for m in MODES},
+    return {"step_s": {m: secs[m] / n for m in MODES}, "step_cpu_s": {m: cpu[m] / n for m in MODES}, "tokens_per_s": {m: tokens / secs[m] for m in MODES},
             "reference_pass_s_per_batch": sum(ref_secs[1:]) / n, "first_loss": first,
             "dpo_first_loss_minus_ln2": max(abs(first[m] - math.log(2)) for m in ("dpo-live", "dpo-precomputed")),
             "timed_batches": n}
@@ -255,11 +258,13 @@ def main(argv=None) -> dict:
             print(f"\n{size} {peer.SIZES[size]}: {t['timed_batches']} timed steps; DPO losses at step 0 within "
                   f"{t['dpo_first_loss_minus_ln2']:.1e} of ln 2; reference pass {t['reference_pass_s_per_batch']:.3f} "
                   f"s per batch (once per data pass); load {peer.loadavg()}")
-            print("| mode | step s | time vs simpo | peak RSS MiB | vs simpo | RSS above setup MiB | vs simpo |")
-            print("|---|---:|---:|---:|---:|---:|---:|")
+            print("| mode | step s | time vs simpo | CPU time vs simpo | peak RSS MiB | vs simpo "
+                  "| RSS above setup MiB | vs simpo |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
             for m in MODES:
                 st, r, r0 = t["step_s"][m], mem[m], mem["simpo"]
-                print(f"| {m} | {st:.3f} | {st / t['step_s']['simpo']:.2f} | {r['peak_mib']:.0f} | "
+                ct = t["step_cpu_s"][m] / t["step_cpu_s"]["simpo"]
+                print(f"| {m} | {st:.3f} | {st / t['step_s']['simpo']:.2f} | {ct:.2f} | {r['peak_mib']:.0f} | "
                       f"{r['peak_mib'] / r0['peak_mib']:.3f} | {r['above_setup_mib']:.0f} | "
                       f"{r['above_setup_mib'] / r0['above_setup_mib']:.2f} |")
             pre = t["step_s"]["dpo-precomputed"] + t["reference_pass_s_per_batch"]
