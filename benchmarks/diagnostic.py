@@ -55,7 +55,7 @@ KINDS = ("wrong", "padded", "wrong_padded")
 # Budgets. Full: what the README table was measured with. Smoke: seconds per fit, to
 # show that every piece runs and is wired to the right weights (numbers meaningless).
 FULL = dict(n_train=960, n_dev=128, n_test=256, n_gen=128, sft_steps=120, pref_steps=40,
-            lrs={"simpo": [3e-4, 1e-3, 3e-3], "dpo": [3e-4, 1e-3, 3e-3]}, max_new_tokens=160)
+            lrs={"simpo": [1e-4, 3e-4, 1e-3], "dpo": [1e-4, 3e-4, 1e-3]}, max_new_tokens=160)
 SMOKE = dict(n_train=96, n_dev=16, n_test=32, n_gen=16, sft_steps=3, pref_steps=2,
              lrs={"simpo": [1e-3], "dpo": [1e-3]}, max_new_tokens=48)
 
