@@ -18,8 +18,8 @@ Every fit is a real Ray Train TorchTrainer with DeepSpeed ZeRO-3 workers
 (``simpo_ray.train.train``), all on one local Ray cluster. Evaluation runs in this
 process with transformers on the exported folders.
 
-    python benchmarks/diagnostic.py                 # full run (< 10 min on 2 cores)
-    python benchmarks/diagnostic.py --smoke         # tiny budgets, one lr each (CI)
+    python benchmarks/diagnostic.py                 # full run (21 min on 2 cores shared at load 4-16)
+    python benchmarks/diagnostic.py --smoke         # tiny budgets, one lr each (CI, ~3 min there)
 
 Data: the bundled generator's task families (``examples/data/make_preferences.py``):
 chosen answers are correct and concise; rejected ones are wrong (same template), or
