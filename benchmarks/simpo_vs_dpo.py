@@ -110,7 +110,9 @@ def reference_columns(batches, a, model_path: str, pad_id: int, repeats: int = 1
     """Add the reference pass's columns to each numpy batch; returns (batches, seconds per batch)."""
     from simpo_ray.reference import ReferenceLogps
 
-    ref = ReferenceLogps(model_path, "float32", "sdpa", 1024, pad_id)
+    # packed like the training steps (data.packing, rows of <= 2 x max_length) unless --padded
+    ref = ReferenceLogps(model_path, "float32", "sdpa", 1024, pad_id,
+                         pack_max_tokens=None if a.padded else 2 * a.max_length)
     out, secs = [], []
     for b in batches:
         best = math.inf

@@ -14,7 +14,7 @@ class ReferenceLogps:
     """map_batches actor: triplet batch -> the same batch + the two reference columns."""
 
     def __init__(self, model_path: str, dtype: str, attn_implementation: str, chunk_size: int,
-                 pad_id: int, trust_remote_code: bool = False):
+                 pad_id: int, trust_remote_code: bool = False, pack_max_tokens: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -27,15 +27,29 @@ class ReferenceLogps:
             use_safetensors=True)
         self.model = PolicyLogps(lm, chunk_size=chunk_size).to(self.device).eval().requires_grad_(False)
         self.pad_id = pad_id
+        # Packed like training (data.packing): rows of at most pack_max_tokens, or one
+        # row for flash-attn varlen; None: padded rows.
+        self.pack_max_tokens = pack_max_tokens
+        self.flash = attn_implementation == "flash_attention_2"
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from simpo_ray.collate import collate_numpy_batch
+        from simpo_ray import collate as C
 
-        b = {k: v.to(self.device) for k, v in collate_numpy_batch(batch, self.pad_id, 8).items()}
+        extra = {}
+        if self.pack_max_tokens:
+            b = C.collate_packed_numpy_batch(batch, self.pad_id, max_tokens=None if self.flash else self.pack_max_tokens)
+            extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}
+            if self.flash:
+                extra.update(C.flash_varlen_kwargs(extra["position_ids"]))
+        else:
+            b = C.collate_numpy_batch(batch, self.pad_id, 8)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        extra = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()}
         with torch.no_grad():
-            sums, _ = self.model(b["input_ids"], b["attention_mask"], b["labels"])
+            sums, _ = self.model(b["input_ids"], b.get("attention_mask"), b["labels"],
+                                 sequence_index=b.get("sequence_index"), **extra)
         n = sums.shape[0] // 2
         sums = sums.float().cpu().numpy()
         return dict(batch, ref_chosen_logps=sums[:n], ref_rejected_logps=sums[n:])
@@ -51,5 +65,6 @@ def add_reference_logps(ds, cfg, model_path: str, pad_id: int):
         fn_constructor_kwargs=dict(
             model_path=model_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
             chunk_size=cfg.model.logps_chunk_size, pad_id=pad_id,
-            trust_remote_code=cfg.model.trust_remote_code),
+            trust_remote_code=cfg.model.trust_remote_code,
+            pack_max_tokens=cfg.data.pack_row_tokens if cfg.data.packing else None),
     ).materialize()

@@ -111,3 +111,7 @@ def test_reference_actor_gives_zero_log_ratio_at_start(tiny_path):
                      torch.tensor(np.concatenate([out["ref_chosen_logps"], out["ref_rejected_logps"]])))
     m = to_metrics(m)
     assert abs(m["rewards/margins"]) < 1e-6
+    # data.packing: the reference pass packs like training and gives the same numbers
+    packed = ReferenceLogps(str(tiny_path), "float32", "sdpa", 1024, pad_id=0, pack_max_tokens=16)(batch)
+    np.testing.assert_allclose(packed["ref_chosen_logps"], out["ref_chosen_logps"], rtol=1e-5)
+    np.testing.assert_allclose(packed["ref_rejected_logps"], out["ref_rejected_logps"], rtol=1e-5)
