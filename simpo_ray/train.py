@@ -23,6 +23,9 @@ from simpo_ray.config import RunConfig
 STOP_FILE = "STOP"
 
 
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Join ``ray.address`` / $RAY_ADDRESS, else start a private local cluster."""
     import ray
@@ -56,6 +59,11 @@ def init_ray(cfg: RunConfig) -> None:
     # when several run (parallel tests): every process of this one inherits its address.
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # Ray Train's controller collects reports when it polls the workers, every 2 s by
+    # default, and a worker's report waits for that: with a report per step, a fast
+    # step took 2 s. Its processes read this from the environment they inherit (on a
+    # cluster: cluster/runtime_env.yaml).
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, _node_ip_address="127.0.0.1")
 

@@ -24,26 +24,39 @@ def _train_lines(run_dir):
 
 @pytest.fixture(scope="module")
 def straight(ray_local, tmp_path_factory):
-    """6 steps in one go: the reference for exact resume."""
+    """6 steps in one go: the reference for exact resume. Packed, with micro-batches cut
+    by a token budget (a data-dependent number of pairs per micro-batch and rank): the
+    path with the most state to rebuild on resume (the per-epoch step schedule the
+    workers count and agree on, on top of data order, RNG, optimizer and scheduler)."""
     from simpo_ray.train import train
 
     root = tmp_path_factory.mktemp("straight")
-    _, summary = train(_cfg(root, **{"train.max_steps": 6, "output.name": "straight",
-                                     "train.checkpoint_every": 3, "output.export": "false"}))
-    return _train_lines(summary["run_dir"])
+    _, summary = train(_cfg(root, **BUDGET, **{"train.max_steps": 6, "output.name": "straight",
+                                               "train.checkpoint_every": 3, "output.export": "false"}))
+    lines = _train_lines(summary["run_dir"])
+    assert summary["finished"] and [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    return lines
+
+
+# Packed rows and token-budget micro-batches (see the straight fixture).
+BUDGET = {"data.packing": "true", "data.token_budget": 1100}
 
 
 def test_stop_and_resume_reproduce_the_uninterrupted_losses(straight, tmp_path):
     from simpo_ray.train import train
 
     common = {"train.max_steps": 6, "output.name": "resumed", "train.checkpoint_every": 3,
-              "output.export": "false"}
+              "output.export": "false", **BUDGET}
     _, s1 = train(_cfg(tmp_path, **common, **{"train.stop_after": 3}))
     assert not s1["finished"] and s1["final_metrics"]["step"] == 3
     _, s2 = train(_cfg(tmp_path, **common))
     assert s2["finished"]
     resumed = _train_lines(s2["run_dir"])
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    # token budget: the step count the workers counted is met, with the same forwards on
+    # both ranks, and the steps really hold different numbers of pairs
+    assert all(m["total_steps"] == 6 and len(set(m["ranks_micro_batches"])) == 1 for m in resumed)
+    assert len({m["pairs"] for m in straight}) > 1 and straight[0]["data/unused_pairs_per_epoch"] >= 0
     for a, b in zip(straight, resumed):
         assert a["step"] == b["step"]
         assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6), (a["step"], a["loss"], b["loss"])
@@ -148,28 +161,3 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
     for p in files:
         assert SECRET.encode() not in p.read_bytes(), p
 
-
-def test_token_budget_batches_train_and_resume_exactly(ray_local, tmp_path):
-    """data.token_budget: micro-batches of whole pairs cut by tokens (a data-dependent
-    count per rank). The workers count and agree on the steps before training, so both
-    ranks run the same micro-batches, the plan's step count is met exactly, and a run
-    stopped at step 2 resumes to the uninterrupted run's losses."""
-    from simpo_ray.train import train
-
-    common = {"data.token_budget": 1100, "data.packing": "true", "train.max_steps": 4,
-              "train.checkpoint_every": 2, "train.eval_every": 4, "output.export": "false"}
-    _, whole = train(_cfg(tmp_path, **common, **{"output.name": "budget"}))
-    straight = _train_lines(whole["run_dir"])
-    assert whole["finished"] and [m["step"] for m in straight] == [1, 2, 3, 4]
-    assert all(m["total_steps"] == 4 for m in straight)
-    for m in straight:
-        assert len(set(m["ranks_micro_batches"])) == 1  # same forwards on both ranks
-        assert math.isfinite(m["loss"])
-    assert straight[0]["data/unused_pairs_per_epoch"] >= 0
-    _, s1 = train(_cfg(tmp_path, **common, **{"output.name": "budget-resumed", "train.stop_after": 2}))
-    assert not s1["finished"]
-    _, s2 = train(_cfg(tmp_path, **common, **{"output.name": "budget-resumed"}))
-    resumed = _train_lines(s2["run_dir"])
-    assert s2["finished"] and [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6), (a["step"], a["loss"], b["loss"])
