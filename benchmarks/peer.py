@@ -413,10 +413,15 @@ def main(argv=None) -> dict:
                 print(f"| {m} | {tps:.0f} | {tps / t['tokens_per_s']['trl']:.2f} | {cps:.2f} | {w:.1%} | {r['peak_mib']:.0f} | "
                       f"{r['peak_mib'] / mem['trl']['peak_mib']:.2f} | {r['above_setup_mib']:.0f} | "
                       f"{r['above_setup_mib'] / mem['trl']['above_setup_mib']:.2f} |")
+    return finish(results, a.json)
+
+
+def finish(results: dict, json_path) -> dict:
+    """The load at the end, printed and kept; the results written as JSON when asked."""
     results["loadavg_end"] = loadavg()
     print(f"\nload average at end: {results['loadavg_end']}")
-    if a.json:
-        with open(a.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     return results
 

@@ -272,12 +272,7 @@ def main(argv=None) -> dict:
             pre = t["step_s"]["dpo-precomputed"] + t["reference_pass_s_per_batch"]
             print(f"dpo-precomputed incl. its reference pass (1 epoch): {pre:.3f} s per step, "
                   f"{pre / t['step_s']['simpo']:.2f} x simpo")
-    results["loadavg_end"] = peer.loadavg()
-    print(f"\nload average at end: {results['loadavg_end']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+    return peer.finish(results, a.json)
 
 
 if __name__ == "__main__":
