@@ -18,8 +18,8 @@ Every fit is a real Ray Train TorchTrainer with DeepSpeed ZeRO-3 workers
 (``simpo_ray.train.train``), all on one local Ray cluster. Evaluation runs in this
 process with transformers on the exported folders.
 
-    python benchmarks/diagnostic.py                 # full run (21 min on 2 cores shared at load 4-16)
-    python benchmarks/diagnostic.py --smoke         # tiny budgets, one lr each (CI, ~3 min there)
+    python benchmarks/diagnostic.py                 # full run (7 min 46 s on 2 quiet cores)
+    python benchmarks/diagnostic.py --smoke         # tiny budgets, one lr each (CI: ~2 min)
 
 Data: the bundled generator's task families (``examples/data/make_preferences.py``):
 chosen answers are correct and concise; rejected ones are wrong (same template), or
@@ -55,7 +55,7 @@ KINDS = ("wrong", "padded", "wrong_padded")
 # Budgets. Full: what the README table was measured with. Smoke: seconds per fit, to
 # show that every piece runs and is wired to the right weights (numbers meaningless).
 FULL = dict(n_train=960, n_dev=128, n_test=256, n_gen=128, sft_steps=120, pref_steps=40,
-            lrs={"simpo": [1e-4, 3e-4, 1e-3], "dpo": [1e-4, 3e-4, 1e-3]}, max_new_tokens=160)
+            lrs={"simpo": [1e-4, 3e-4], "dpo": [1e-4, 3e-4]}, max_new_tokens=160)
 SMOKE = dict(n_train=96, n_dev=16, n_test=32, n_gen=16, sft_steps=3, pref_steps=2,
              lrs={"simpo": [1e-3], "dpo": [1e-3]}, max_new_tokens=48)
 
