@@ -196,6 +196,17 @@ def flash_varlen_kwargs(position_ids) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+def packed_model_inputs(batch: dict, pad_id: int, max_tokens: int, flash: bool):
+    """A numpy pair batch -> (packed tensors, extra model kwargs): rows of at most
+    ``max_tokens`` with position ids restarting per sequence (a block-diagonal mask
+    under SDPA/eager), or, for flash-attn varlen, one row and its cu_seq_lens."""
+    b = collate_packed_numpy_batch(batch, pad_id, max_tokens=None if flash else max_tokens)
+    extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}
+    if flash:
+        extra.update(flash_varlen_kwargs(extra["position_ids"]))
+    return b, extra
+
+
 def padding_stats(batch: dict) -> dict:
     """Real and padded token counts of a padded (``attention_mask``) or packed
     (``sequence_index``) batch: {"tokens", "slots", "pad_fraction"}."""

@@ -37,14 +37,10 @@ class ReferenceLogps:
 
         from simpo_ray import collate as C
 
-        extra = {}
         if self.pack_max_tokens:
-            b = C.collate_packed_numpy_batch(batch, self.pad_id, max_tokens=None if self.flash else self.pack_max_tokens)
-            extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}
-            if self.flash:
-                extra.update(C.flash_varlen_kwargs(extra["position_ids"]))
+            b, extra = C.packed_model_inputs(batch, self.pad_id, self.pack_max_tokens, self.flash)
         else:
-            b = C.collate_numpy_batch(batch, self.pad_id, 8)
+            b, extra = C.collate_numpy_batch(batch, self.pad_id, 8), {}
         b = {k: v.to(self.device) for k, v in b.items()}
         extra = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in extra.items()}
         with torch.no_grad():

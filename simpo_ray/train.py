@@ -105,7 +105,6 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {
         "steps_per_epoch": steps_per_epoch, "total_steps": total, "has_eval": has_eval,
-        "token_budget_estimate": bool(cfg.data.token_budget),
         "pad_id": pad_id, "tiny_spec": dataclasses.asdict(cfg.model.tiny),
         "export_dir": str(cfg.output.run_dir / "model"),
         "run_dir": str(cfg.output.run_dir), "stop_file": str(cfg.output.run_dir / STOP_FILE),

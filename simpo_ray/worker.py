@@ -41,6 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and state["step"]:
         print(f"[simpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, micro-batch {state['micro']})")
     world = ray.train.get_context().get_world_size()
+    epoch_micro = micro_batches_per_epoch(schedule, plan, t)
 
     if state["step"] == 0 and eval_shard is not None:  # the baseline the curve starts from
         baseline = {"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]}
@@ -50,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     sums, tokens, clock, bad_streak, stop = {}, 0, time.perf_counter(), 0, False
     for epoch in range(state["epoch"], t.epochs):
         skip = state["micro"] if epoch == state["epoch"] else 0
-        micro_per_epoch = (len(schedule[epoch]) if schedule else plan["steps_per_epoch"]) * t.grad_accum_steps
+        micro_per_epoch = epoch_micro[epoch]
         for micro, batch in enumerate(iter_micro(train_shard, cfg, epoch), start=1):
             if micro > micro_per_epoch or step >= plan["total_steps"] or stop:
                 break
@@ -59,8 +60,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan)
             if schedule:  # a mean over the step's pairs on all ranks, not over this micro-batch's
                 loss = loss * budget_loss_scale(len(batch["prompt_ids"]), world, t.grad_accum_steps,
-                                                schedule[epoch][min((micro - 1) // t.grad_accum_steps,
-                                                                    len(schedule[epoch]) - 1)])
+                                                step_pairs(schedule[epoch], micro, t.grad_accum_steps))
             if not agree(torch.isfinite(loss).item() and f"{epoch}:{micro}" not in plan["inject_nan"]):
                 # Dropped on every rank before backward: parameters and the gradient
                 # accumulation window are untouched; the next micro-batch takes its place.
@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
             if eval_shard is not None and (step % t.eval_every == 0 or last):
                 report.update(evaluate(engine, eval_shard, cfg, plan))
             report.update(plan["margin"], **plan["data_metrics"],
-                          rank_micro_batches=micro + epoch_offset(schedule, plan, t, epoch),
+                          rank_micro_batches=micro + sum(epoch_micro[:epoch]),
                           total_steps=plan["total_steps"],
                           skipped_micro_batches=state["skipped_micro_batches"],
                           skipped_steps=int(engine.skipped_steps))
@@ -226,11 +226,17 @@ def budget_loss_scale(pairs: int, world: int, grad_accum: int, step_pairs: int) 
     return pairs * world * grad_accum / max(step_pairs, 1)
 
 
-def epoch_offset(schedule, plan: dict, t, epoch: int) -> int:
-    """Micro-batches of the epochs before ``epoch`` (for the same-work check)."""
-    if schedule:
-        return sum(len(s) for s in schedule[:epoch]) * t.grad_accum_steps
-    return epoch * plan["steps_per_epoch"] * t.grad_accum_steps
+def micro_batches_per_epoch(schedule, plan: dict, t) -> list:
+    """Micro-batches every rank runs in each epoch: the counted steps (token budget)
+    or the plan's fixed steps, times the accumulation."""
+    steps = [len(s) for s in schedule] if schedule else [plan["steps_per_epoch"]] * t.epochs
+    return [n * t.grad_accum_steps for n in steps]
+
+
+def step_pairs(epoch_schedule: list, micro: int, grad_accum: int) -> int:
+    """Global pairs of the step that micro-batch ``micro`` (1-based) belongs to. A
+    dropped non-finite micro-batch shifts the window; the last step's count serves."""
+    return epoch_schedule[min((micro - 1) // grad_accum, len(epoch_schedule) - 1)]
 
 
 def iter_train(shard, cfg: RunConfig, epoch: int):
@@ -267,14 +273,8 @@ def collate(batch: dict, cfg: RunConfig, plan: dict):
     from simpo_ray import collate as C
 
     if cfg.data.packing and cfg.simpo.loss != "sft":
-        flash = cfg.model.attn_implementation == "flash_attention_2"
-        # flash-attn varlen only sees packing in a single row; SDPA/eager get a
-        # block-diagonal mask from the restarting position_ids, row by row.
-        b = C.collate_packed_numpy_batch(batch, plan["pad_id"], max_tokens=None if flash else cfg.data.pack_row_tokens)
-        extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}
-        if flash:
-            extra.update(C.flash_varlen_kwargs(extra["position_ids"]))
-        return b, extra
+        return C.packed_model_inputs(batch, plan["pad_id"], cfg.data.pack_row_tokens,
+                                     flash=cfg.model.attn_implementation == "flash_attention_2")
     b = C.collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
     if cfg.simpo.loss == "sft":  # chosen rows only, trimmed to their own longest
         n = len(batch["prompt_ids"])
