@@ -324,7 +324,7 @@ def run(args) -> dict:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ev = time.time()
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
 
     base_dir = resolve_model_path("tiny", dataclasses.asdict(sft_cfg.model.tiny))
     base_dev = Scorer(base_dir).logps(dev)

@@ -44,7 +44,7 @@ def _cfg(args, generators: int):
 def _prompts(args):
     from transformers import AutoTokenizer
 
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
     from simpo_ray.generate import encode_prompt
 
     cfg = _cfg(args, 1)

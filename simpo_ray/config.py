@@ -6,6 +6,7 @@ A config crosses Ray boundaries as a plain dict: ``cfg.to_dict()`` on the driver
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -17,14 +18,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from simpo_ray.objective import LOSS_NAMES
+
 # The tuning objective: held-out pairwise accuracy. The worker reports it under this
 # key and the tuner optimises it, so both import this one constant.
 OBJECTIVE = "eval/rewards/accuracies"
 
-LOSS_NAMES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
-# "sft": supervised fine-tuning on the chosen responses (the stage before SimPO for
-# base models); it runs on the same machinery, see ``simpo-ray sft``.
-OBJECTIVES = LOSS_NAMES + ("sft",)
 
 
 class ConfigError(ValueError):
@@ -162,7 +161,7 @@ class SimPOConfig:
     chosen_logp_alarm: Optional[float] = 1.5
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.loss", self.loss, OBJECTIVES)
+        _choice(f"{path}.loss", self.loss, LOSS_NAMES)
         _choice(f"{path}.loss_type", self.loss_type, ("sigmoid", "hinge"))
         _positive(f"{path}.beta", self.beta)
         if (self.gamma is None) == (self.gamma_beta_ratio is None):
@@ -440,23 +439,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        return _build(cls, data or {}, "").validate()
+        return build(cls, data or {}, "").validate()
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path], overrides: Optional[list] = None) -> "RunConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError("<file>", f"config file not found: {path}") from None
-        except (UnicodeDecodeError, IsADirectoryError) as e:  # a binary file, a folder
-            raise ConfigError("<file>", f"{path} is not a YAML text file ({type(e).__name__}: {e})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("<file>", f"{path} must hold a mapping at the top level")
-        data = apply_overrides(data, overrides or [])
-        return cls.from_dict(data)
+        return cls.from_dict(apply_overrides(load_yaml(path), overrides or []))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -465,30 +452,112 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def apply_overrides(data: dict, overrides: list) -> dict:
-    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars/lists."""
-    out = _deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "override must look like key.sub=value")
-        key, raw = item.split("=", 1)
+def load_yaml(path: Union[str, Path], what: str = "config") -> dict:
+    """The one YAML reader of every command: a mapping, or a ConfigError naming the
+    file and what is wrong with it (missing, a folder, binary, not YAML, not a mapping)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("<file>", f"{what} file not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:  # a binary file, a folder
+        raise ConfigError("<file>", f"{path} is not a YAML text file ({type(e).__name__}: {e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("<file>", f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("<file>", f"{path} must hold a mapping at the top level")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (``key.sub``, the value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(item, "override must look like key.sub=value")
+    try:
         value = yaml.safe_load(raw) if raw != "" else ""
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(key, f"'{p}' is not a section")
-            node = nxt
-        node[parts[-1]] = value
+    except yaml.YAMLError as e:
+        raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML: {e}") from None
+    return key.strip(), value
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """A copy of ``data`` with the dotted ``key`` set to ``value`` (sections made as needed)."""
+    out = copy.deepcopy(data)
+    node, parts = out, key.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(key, f"'{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
     return out
 
 
-def _deepcopy(d):
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+def merged(data: dict, values: dict) -> dict:
+    """A copy of a config dict with dotted keys set to (already parsed) values."""
+    for key, value in values.items():
+        data = set_dotted(data, key, value)
+    return copy.deepcopy(data)
 
 
-def _build(cls, data: Any, path: str):
+def apply_overrides(data: dict, overrides: list) -> dict:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars/lists."""
+    return merged(data, dict(parse_override(item) for item in overrides))
+
+
+def check_rerun(path: Union[str, Path], now: dict, what: str, free: tuple = ()) -> None:
+    """The one rerun check: ``path`` (JSON) records the settings a folder's results were
+    made with. A rerun with other settings is refused with a ConfigError naming the
+    dotted fields that differ; fields in ``free`` (dotted prefixes) may change. The
+    first run writes the record."""
+    import json
+
+    path = Path(path)
+    now = _without(json.loads(json.dumps(now, default=str)), free)
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError("<rerun>", f"{path} is unreadable ({e}); remove it to start over") from None
+        before = _without(before, free)
+        if before != now:
+            diff = sorted(_diff(before, now))
+            raise ConfigError(diff[0] if diff else "<rerun>",
+                              f"{path.parent} holds {what} made with other settings "
+                              f"({', '.join(diff)} differ); rerun unchanged to resume, "
+                              "or choose another name or output folder")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=1, sort_keys=True))
+
+
+def _without(d: dict, free: tuple, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = _join(prefix, k)
+        if key in free:
+            continue
+        out[k] = _without(v, free, key) if isinstance(v, dict) else v
+    return out
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list:
+    out = []
+    for k in set(a) | set(b):
+        key, x, y = _join(prefix, k), a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, key)
+        elif x != y:
+            out.append(key)
+    return out
+
+
+def build(cls, data: Any, path: str = ""):
+    """A config dataclass from a mapping: unknown keys and wrong types are refused naming
+    the dotted field (with a "did you mean" for near misses)."""
     if not isinstance(data, dict):
         raise ConfigError(path or "<root>", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -519,7 +588,7 @@ def _coerce(tp, value, path):
                 errors.append(e)
         raise errors[-1] if errors else ConfigError(path, "must not be null")
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
             return value

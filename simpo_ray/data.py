@@ -311,7 +311,7 @@ class Tokenize:
                  column_map: dict | None = None):
         from transformers import AutoTokenizer
 
-        from simpo_ray.engine import resolve_model_path
+        from simpo_ray.models import resolve_model_path
 
         path = resolve_model_path(name_or_path, tiny_spec)
         self.tok = AutoTokenizer.from_pretrained(path)

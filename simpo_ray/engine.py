@@ -1,4 +1,4 @@
-"""Model loading, the DeepSpeed config, and ``deepspeed.initialize``.
+"""The DeepSpeed engine: its JSON config, the lr schedule, threads, ``deepspeed.initialize``.
 
 Heavy imports live inside the functions: importing this module is cheap.
 """
@@ -7,16 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-
-
-def resolve_model_path(name_or_path: str, tiny_spec: dict) -> str:
-    """``tiny`` -> the built-in model folder, built on this node from its seed (so no
-    shared file system is needed); anything else is returned as given."""
-    if name_or_path == "tiny":
-        from simpo_ray.tiny import materialize
-
-        return str(materialize(tiny_spec))
-    return name_or_path
 
 
 def deepspeed_config(cfg) -> dict:
@@ -96,6 +86,9 @@ def build_engine(cfg, model_path: str, total_steps: int):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from simpo_ray.models import torch_dtype
+    from simpo_ray.policy import PolicyLogps
+
     if not cfg.train.use_gpu:
         skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
@@ -103,15 +96,12 @@ def build_engine(cfg, model_path: str, total_steps: int):
     # Keep this object alive across from_pretrained: while it exists, transformers
     # loads under zero.Init, so a 70B model never materializes on one rank.
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.stage == 3 else None
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+        model_path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from simpo_ray.policy import PolicyLogps
-
     model = PolicyLogps(model, chunk_size=cfg.model.logps_chunk_size)
 
     o = cfg.optim
@@ -144,59 +134,3 @@ def configure_threads(cpus: float) -> None:
     n = max(1, int(cpus))
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     torch.set_num_threads(n)
-
-
-def check_model_folder(path: str) -> None:
-    """Fail on the driver, before any worker starts, when a local model folder is
-    incomplete: no config, no weights, shards named by the index but missing, or a
-    weights file whose safetensors header is unreadable or promises more bytes than
-    the file holds (a truncated copy). Only safetensors weights are accepted (no
-    pickle is ever loaded)."""
-    import json
-    from pathlib import Path
-
-    root = Path(path)
-    if not root.is_dir():
-        return  # a hub name: transformers resolves (and checks) it
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {root}: config.json is missing")
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"model folder {root}: unreadable {index.name}: {e}") from None
-        missing = [s for s in shards if not (root / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"model folder {root}: {len(missing)} of {len(shards)} shards missing "
-                                    f"(first: {missing[0]})")
-    elif not (root / "model.safetensors").is_file():
-        pickles = sorted(p.name for p in root.glob("*.bin"))
-        hint = f" (found {pickles[0]}: convert pickle weights to safetensors first)" if pickles else ""
-        raise FileNotFoundError(f"model folder {root}: no model.safetensors or sharded index{hint}")
-    else:
-        shards = ["model.safetensors"]
-    for s in shards:
-        _check_safetensors(root / s)
-
-
-def _check_safetensors(path) -> None:
-    """The 8-byte header length, the JSON header, and the data it promises: a few KB
-    read per file, no tensor loaded."""
-    import json
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"model folder {path.parent}: {path.name} is not a safetensors file or is "
-                             f"truncated ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"model folder {path.parent}: {path.name} has an unreadable header ({e})") from None
-    if 8 + n + end > size:
-        raise ValueError(f"model folder {path.parent}: {path.name} is truncated: {size} bytes, its header "
-                         f"describes {8 + n + end}")

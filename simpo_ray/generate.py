@@ -489,7 +489,7 @@ def run_generation(cfg, policy_path: str, out_dir, round_index: int = 0, generat
     the scorers. Parts already done in ``out_dir`` are skipped."""
     from ray.util.actor_pool import ActorPool
 
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
 
     g = cfg.generate
     out = Path(out_dir)

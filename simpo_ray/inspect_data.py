@@ -22,7 +22,7 @@ PERCENTILES = (50, 90, 95, 99, 100)
 
 def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
     """Scan every row of ``cfg.data``'s sources. Returns the report dict (JSON-able)."""
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
 
     d = cfg.data
     path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))

@@ -26,9 +26,6 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 LossOutput = Tuple[Tensor, Tensor, Tensor]
 
-LOSS_NAMES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
-# Losses that need no reference model forward pass.
-REFERENCE_FREE = frozenset({"simpo", "cpo", "orpo"})
 SIMPO_LOSS_TYPES = ("sigmoid", "hinge")
 
 

@@ -102,7 +102,7 @@ def iterate(cfg: RunConfig, rounds: int | None = None) -> dict:
     """
     import ray
 
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
     from simpo_ray.generate import run_generation, start_generators, stop_actors
     from simpo_ray.train import train
 

@@ -128,7 +128,8 @@ def measure_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from simpo_ray.engine import build_engine, configure_threads, resolve_model_path
+    from simpo_ray.engine import build_engine, configure_threads
+    from simpo_ray.models import resolve_model_path
     from simpo_ray.worker import forward_batch, iter_train, quiet_worker_logs
 
     cfg, plan = RunConfig.from_dict(config["run"]), config["plan"]
@@ -311,7 +312,7 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
     from simpo_ray.planner import model_shape
     from simpo_ray.train import prepare
 

@@ -441,7 +441,7 @@ def run_sweep(spec: SweepSpec, address: Optional[str] = None) -> dict:
 
 
 def _model_path(cfg: RunConfig) -> str:
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
 
     return resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
 

@@ -150,7 +150,7 @@ def prepare(cfg: RunConfig) -> dict:
     calls this once and hands the same datasets to every trial.
     """
     from simpo_ray.data import prepare_datasets
-    from simpo_ray.engine import check_model_folder, resolve_model_path
+    from simpo_ray.models import check_model_folder, resolve_model_path
 
     init_ray(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))

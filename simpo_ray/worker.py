@@ -20,7 +20,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from simpo_ray.engine import build_engine, configure_threads, resolve_model_path
+    from simpo_ray.engine import build_engine, configure_threads
+    from simpo_ray.models import resolve_model_path
 
     cfg, plan = RunConfig.from_dict(config["run"]), config["plan"]
     t = cfg.train

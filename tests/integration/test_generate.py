@@ -101,7 +101,7 @@ def test_reward_scorer_batches_without_changing_scores():
 def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_path, prompt_files):
     """One generator on the prompts in file order, two generators on them shuffled in
     smaller batches: the same samples and pairs per prompt id."""
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
     from simpo_ray.generate import run_generation, sample_seed, start_generators, stop_actors
 
     ordered, shuffled = prompt_files
@@ -158,7 +158,7 @@ def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_pa
 def test_two_iterate_rounds_hand_the_weights_on(ray_local, tmp_path, prompt_files):
     import ray
 
-    from simpo_ray.engine import resolve_model_path
+    from simpo_ray.models import resolve_model_path
     from simpo_ray.generate import Generator, engine_settings, read_prompts
     from simpo_ray.onpolicy import iterate
 

@@ -361,7 +361,7 @@ def _sharded_copy(tiny_path, d):
 
 
 def test_model_folder_with_missing_or_damaged_shards(tiny_path, tmp_path):
-    from simpo_ray.engine import check_model_folder
+    from simpo_ray.models import check_model_folder
 
     d, names = _sharded_copy(tiny_path, tmp_path / "m")
     check_model_folder(str(d))  # whole: passes
@@ -386,7 +386,7 @@ def test_model_folder_with_missing_or_damaged_shards(tiny_path, tmp_path):
 
 
 def test_single_file_model_that_is_not_safetensors(tiny_path, tmp_path):
-    from simpo_ray.engine import check_model_folder
+    from simpo_ray.models import check_model_folder
 
     d = tmp_path / "m"
     shutil.copytree(tiny_path, d)

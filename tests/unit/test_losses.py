@@ -315,8 +315,11 @@ def test_sft_loss_is_negative_chosen_average():
     close(L.sft_loss(t(-1.25, -0.5)), [1.25, 0.5])
 
 
-def test_loss_names():
-    assert L.LOSS_NAMES == ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
-    assert set(L.REFERENCE_FREE) == {"simpo", "cpo", "orpo"}
-    for name in L.LOSS_NAMES:
+def test_loss_table_names_a_function_for_every_loss():
+    from simpo_ray.objective import LOSSES, LOSS_NAMES, PAIR_LOSSES
+
+    assert LOSS_NAMES == ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo", "sft")
+    assert PAIR_LOSSES == LOSS_NAMES[:-1] and LOSSES["sft"].rows == "chosen"
+    assert {n for n, x in LOSSES.items() if not x.needs_reference} == {"simpo", "cpo", "orpo", "sft"}
+    for name in LOSS_NAMES:
         assert callable(getattr(L, f"{name}_loss"))

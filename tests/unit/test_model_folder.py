@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from simpo_ray.engine import check_model_folder
+from simpo_ray.models import check_model_folder
 
 
 def test_complete_folder_passes(tiny_path):
