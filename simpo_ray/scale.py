@@ -313,7 +313,7 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from simpo_ray.models import resolve_model_path
-    from simpo_ray.planner import model_shape
+    from simpo_ray.shapes import model_shape
     from simpo_ray.train import prepare
 
     out_dir = Path(out_dir).resolve()

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from simpo_ray.config import RunConfig
-from simpo_ray.planner import (GiB, KNOWN_SHAPES, Cluster, ModelShape, activation_bytes, head_bytes,
-                               host_bytes_per_node, model_shape, model_state_bytes, plan, shape_from_hf_config,
-                               suggest)
+from simpo_ray.planner import (GiB, Cluster, activation_bytes, head_bytes, host_bytes_per_node, model_state_bytes,
+                               plan, suggest)
+from simpo_ray.shapes import KNOWN_SHAPES, ModelShape, model_shape, shape_from_hf_config
 
 from ..conftest import REPO
 

@@ -35,7 +35,7 @@ def test_scaled_hf_model_keeps_the_architecture(tmp_path, tiny_path):
     """A local Hugging Face folder as the base: its config and tokenizer, new widths."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from simpo_ray.planner import model_shape
+    from simpo_ray.shapes import model_shape
 
     out = build_scaled_model(str(tiny_path), 96, 3, tmp_path)
     hf = AutoConfig.from_pretrained(out)
@@ -67,7 +67,7 @@ def _ranks(seconds, tokens=1000, workers=2, rss=2**30):
 
 
 def test_summary_skips_the_warm_up_step_and_takes_the_median():
-    from simpo_ray.planner import tiny_shape
+    from simpo_ray.shapes import tiny_shape
 
     cfg = RunConfig.from_yaml(os.path.join(REPO, "examples", "tiny_cpu.yaml"))
     shape = tiny_shape(dataclasses.asdict(TinyModelConfig()))
