@@ -19,7 +19,6 @@ size of 64 (128 from hidden 2048), MLP width 4 x hidden (the tiny model's ratio)
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from simpo_ray import tables
 from simpo_ray.config import RunConfig
 
 # Named sizes: a CPU ladder for CI and a GPU ladder (~0.4B-8.6B with the tiny byte
@@ -261,11 +261,7 @@ def _memory(r: dict) -> float:
 
 
 def write_csv(rows: list, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    tables.write_csv(rows, path, CSV_FIELDS)
 
 
 def plot(rows: list, path: Path, title: str, tolerance: float = SLOPE_TOLERANCE) -> None:
