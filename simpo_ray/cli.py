@@ -32,12 +32,14 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-    from simpo_ray.sweep import describe, load_spec, run_sweep
+    from simpo_ray.sweep_spec import describe, load_spec
 
     spec = load_spec(args.sweep, args.overrides)
     print("[simpo-ray] resolved sweep:\n" + describe(spec), flush=True)
     if args.dry_run:
         return 0
+    from simpo_ray.sweep import run_sweep
+
     summary = run_sweep(spec, address=args.address)
     return 0 if summary.get("best") else 1
 
