@@ -179,7 +179,7 @@ def with_reference(prepared: dict, cfg) -> dict:
 # ---------------------------------------------------------------- evaluation (in-process)
 class Scorer:
     """Summed and averaged completion log-probs of pairs under an exported model, with
-    the trainer's own tokenization (``simpo_ray.data.process_row``), collation and
+    the trainer's own tokenization (``simpo_ray.rows.process_row``), collation and
     log-prob head (``simpo_ray.policy.PolicyLogps``)."""
 
     def __init__(self, model_dir: str):
@@ -198,7 +198,7 @@ class Scorer:
         import torch
 
         from simpo_ray.collate import collate_pairs
-        from simpo_ray.data import process_row
+        from simpo_ray.rows import process_row
 
         trips = [process_row(self.tok, r, max_length=512, max_prompt_length=256)[1] for r in rows]
         out = {"sum_c": [], "sum_r": [], "n_c": [], "n_r": []}

@@ -4,7 +4,7 @@ training tokens/s of the tiny Llama model on CPU.
 Lengths: log-normal prompts and responses with long right tails, the shape of
 UltraFeedback-binarized under a Llama-3 tokenizer (prompt median ~150 tokens,
 responses ~300, tails past 2k), scaled by 1/4 so a CPU run stays short:
-max_length 512, max_prompt_length 256, truncated the way data.tokenize_triplet does.
+max_length 512, max_prompt_length 256, truncated the way rows.tokenize_triplet does.
 
 Modes (the same micro-batches of pairs for all three):
   padded   collate_pairs: one row per sequence, padded to the longest (multiple of 8);

@@ -1,6 +1,6 @@
 """``simpo-ray data inspect CONFIG.yaml``: look at the data before training on it.
 
-Runs the same row -> triplet code as training (``data.process_row``) in this process
+Runs the same row -> triplet code as training (``rows.process_row``) in this process
 (no Ray) over the train and eval sources, and reports: rows dropped per reason (with
 the first offenders), token-length percentiles for prompt / chosen / rejected before
 truncation, the share of pairs truncated, padding waste padded vs packed at the
@@ -15,7 +15,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from simpo_ray.data import NON_FATAL, RowError, expand_files, iter_file_rows, model_vocab_size, process_row
+from simpo_ray.data import model_vocab_size
+from simpo_ray.rows import NON_FATAL, process_row
+from simpo_ray.sources import RowError, expand_files, iter_file_rows
 
 PERCENTILES = (50, 90, 95, 99, 100)
 

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from simpo_ray import data as D
-from simpo_ray.data import (DataError, RowError, expand_files, iter_file_rows, normalize_row,
-                            split_of, summarize_errors, tokenize_triplet)
+from simpo_ray import rows as R
+from simpo_ray.data import summarize_errors
+from simpo_ray.rows import normalize_row, split_of, tokenize_triplet
+from simpo_ray.sources import DataError, RowError, expand_files, iter_file_rows
 from tests.conftest import REPO
 
 
@@ -137,9 +138,9 @@ def test_bundled_data_is_valid_and_has_signal():
 
 # ---------------------------------------------------------------- reasons, fixture, both modes
 BROKEN = f"{REPO}/tests/fixtures/broken_rows.jsonl"
-BROKEN_COUNTS = {D.INVALID_UTF8: 1, D.INVALID_JSON: 1, D.NOT_OBJECT: 1, D.MISSING: 2, D.WRONG_TYPE: 2,
-                 D.EMPTY: 3, D.SAME: 1, D.PROMPT_DIFFERS: 1, D.NON_TEXT: 1, D.BAD_CONVERSATION: 2,
-                 D.TRUNCATED_SAME: 1}
+BROKEN_COUNTS = {R.INVALID_UTF8: 1, R.INVALID_JSON: 1, R.NOT_OBJECT: 1, R.MISSING: 2, R.WRONG_TYPE: 2,
+                 R.EMPTY: 3, R.SAME: 1, R.PROMPT_DIFFERS: 1, R.NON_TEXT: 1, R.BAD_CONVERSATION: 2,
+                 R.TRUNCATED_SAME: 1}
 SHORT = {"max_length": 64, "max_prompt_length": 32}
 
 
@@ -157,7 +158,7 @@ def test_broken_fixture_exercises_every_row_reason(tokenizer):
     assert rep["dropped"] == BROKEN_COUNTS
     assert rep["rows"] == 20 and rep["pairs"] == 4
     # every reason a row can carry (tokenization needs a broken chat template: below)
-    assert set(BROKEN_COUNTS) == set(D.REASONS) - {D.TOKENIZATION}
+    assert set(BROKEN_COUNTS) == set(R.REASONS) - {R.TOKENIZATION}
 
 
 def test_tokenization_reason_from_a_template_that_is_not_prefix_stable():
@@ -169,13 +170,13 @@ def test_tokenization_reason_from_a_template_that_is_not_prefix_stable():
 
     with pytest.raises(RowError) as e:
         tokenize_triplet(Tok(), [{"role": "user", "content": "q"}], "a", "b", 64, 32)
-    assert e.value.reason == D.TOKENIZATION
+    assert e.value.reason == R.TOKENIZATION
 
 
 def test_strict_summary_names_file_row_reason_and_skips_non_fatal():
-    errs = [("f.jsonl", 18, "chosen and rejected identical after truncation", D.TRUNCATED_SAME)]
-    assert summarize_errors(errs, strict=True) == {D.TRUNCATED_SAME: 1}  # counted, not fatal
-    errs.append(("f.jsonl", 3, "invalid JSON: Expecting value at column 5", D.INVALID_JSON))
+    errs = [("f.jsonl", 18, "chosen and rejected identical after truncation", R.TRUNCATED_SAME)]
+    assert summarize_errors(errs, strict=True) == {R.TRUNCATED_SAME: 1}  # counted, not fatal
+    errs.append(("f.jsonl", 3, "invalid JSON: Expecting value at column 5", R.INVALID_JSON))
     with pytest.raises(DataError, match=r"f.jsonl: row 3: invalid JSON: Expecting value") as e:
         summarize_errors(errs, strict=True)
     assert "row 18" not in str(e.value) and "'invalid JSON': 1" in str(e.value)
@@ -238,6 +239,16 @@ def test_save_to_disk_folders(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "mix" / "saved"))
     (tmp_path / "mix" / "z.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert expand_files(str(tmp_path / "mix")) == [str(tmp_path / "mix" / "saved"), str(tmp_path / "mix" / "z.jsonl")]
+    # saved with a numpy format: rows still come back as plain Python values
+    datasets.Dataset.from_list(rows).with_format("numpy").save_to_disk(str(tmp_path / "np"))
+    assert next(iter_file_rows(str(tmp_path / "np"))) == (1, rows[0])
+    # a DatasetDict root read directly, and a damaged Arrow shard: errors that name the folder
+    with pytest.raises(DataError, match=r"DatasetDict.*dd/train"):
+        list(iter_file_rows(str(tmp_path / "dd")))
+    shard = next((tmp_path / "one").glob("*.arrow"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"{tmp_path / 'one'}: cannot be read \(ArrowInvalid"):
+        list(iter_file_rows(str(tmp_path / "one")))
 
 
 def test_hub_names_parse_and_read_through_datasets_without_network(monkeypatch):
@@ -289,14 +300,14 @@ def test_stratified_split_takes_the_same_share_from_every_length_quartile():
         for _ in range(rng.choice([1, 1, 2])):  # some prompts have two pairs
             groups.append(f"g{g}")
             lengths.append(n + rng.randint(0, 3))
-    ev = D.stratified_eval_groups(groups, lengths, 0.1, seed=0)
-    assert ev == D.stratified_eval_groups(groups, lengths, 0.1, seed=0)
-    assert ev != D.stratified_eval_groups(groups, lengths, 0.1, seed=1)
+    ev = R.stratified_eval_groups(groups, lengths, 0.1, seed=0)
+    assert ev == R.stratified_eval_groups(groups, lengths, 0.1, seed=0)
+    assert ev != R.stratified_eval_groups(groups, lengths, 0.1, seed=1)
     per = {}
     for g, n in zip(groups, lengths):
         per.setdefault(g, []).append(n)
     keys = sorted(per)
-    quart = D.length_quartiles([sum(per[k]) / len(per[k]) for k in keys])
+    quart = R.length_quartiles([sum(per[k]) / len(per[k]) for k in keys])
     for q in range(4):
         members = [k for k, qq in zip(keys, quart) if qq == q]
         assert abs(sum(k in ev for k in members) - 0.1 * len(members)) <= 0.5
