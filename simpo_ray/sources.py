@@ -223,19 +223,14 @@ def _json_array_rows(path: str) -> Iterator[tuple[int, object]]:
 
 
 def _saved_dataset_rows(path: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a save_to_disk folder, read straight from its Arrow stream files (no
-    ``datasets`` import; save_to_disk writes any selection/shuffle flattened)."""
-    import pyarrow as pa
+    """Rows of a save_to_disk folder through ``datasets.load_from_disk`` (memory-mapped;
+    save_to_disk writes any selection/shuffle flattened), as plain Python values
+    whatever format the dataset was saved with."""
+    from datasets import load_from_disk
 
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    n = 0
-    for entry in state["_data_files"]:
-        with pa.memory_map(os.path.join(path, entry["filename"])) as src:
-            for batch in pa.ipc.open_stream(src):
-                for row in batch.to_pylist():
-                    n += 1
-                    yield n, row
+    ds = load_from_disk(_folder_source(path)).with_format(None)  # a DatasetDict root raises: name a split
+    for n, row in enumerate(ds, start=1):
+        yield n, row
 
 
 def _load_hub(source: str):
