@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|end|>"
@@ -82,22 +83,23 @@ def build_model(spec: dict):
     return model
 
 
-def materialize(spec: dict, cache_root: str | os.PathLike | None = None) -> Path:
-    """Build model + tokenizer into a cache folder keyed by the spec; return its path.
+def cached_folder(prefix: str, spec: dict, write: Callable[[Path], None],
+                  root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<prefix>-<spec hash>``, made once by ``write(folder)``; its path. ``root``:
+    default $SIMPO_RAY_CACHE, else ~/.cache/simpo_ray.
 
     Safe under concurrency: each caller builds in a private temp folder and renames it
-    into place; a loser of the race just uses the winner's identical folder.
+    into place; a loser of the race just uses the winner's identical folder. A folder
+    counts as made when it holds ``config.json``.
     """
-    root = Path(cache_root or os.environ.get("SIMPO_RAY_CACHE", Path.home() / ".cache" / "simpo_ray"))
-    target = root / f"tiny-{spec_hash(spec)}"
+    root = Path(root or os.environ.get("SIMPO_RAY_CACHE", Path.home() / ".cache" / "simpo_ray"))
+    target = root / f"{prefix}-{spec_hash(spec)}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=root))
     try:
-        build_model(spec).save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer().save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(json.dumps(spec, sort_keys=True, indent=1))
+        write(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -106,3 +108,14 @@ def materialize(spec: dict, cache_root: str | os.PathLike | None = None) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def materialize(spec: dict, cache_root: str | os.PathLike | None = None) -> Path:
+    """Build model + tokenizer into a cache folder keyed by the spec; return its path."""
+
+    def write(folder: Path) -> None:
+        build_model(spec).save_pretrained(folder, safe_serialization=True)
+        build_tokenizer().save_pretrained(folder)
+        (folder / "tiny_spec.json").write_text(json.dumps(spec, sort_keys=True, indent=1))
+
+    return cached_folder("tiny", spec, write, cache_root)
