@@ -1,6 +1,7 @@
 import pytest
 
-from simpo_ray.config import ConfigError, RunConfig, LOSS_NAMES, OBJECTIVE
+from simpo_ray.config import OBJECTIVE, ConfigError, RunConfig
+from simpo_ray.sections import LOSS_NAMES
 
 
 def test_round_trip_through_dict_and_yaml(tmp_path):
@@ -65,6 +66,16 @@ def test_loss_names_come_from_the_loss_table():
 
     assert LOSS_NAMES is objective.LOSS_NAMES
     assert RunConfig.from_dict({"simpo": {"loss": "sft"}}).simpo.loss == "sft"
+
+
+def test_sections_are_importable_from_config():
+    from simpo_ray import config, sections
+
+    for name in config.__all__:
+        assert hasattr(config, name), name
+    for name in ("ConfigError", "TinyModelConfig", "ModelConfig", "DataConfig", "SimPOConfig", "OptimConfig",
+                 "TrainConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig", "RewardConfig", "GenerateConfig"):
+        assert getattr(config, name) is getattr(sections, name)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
