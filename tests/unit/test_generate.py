@@ -1,11 +1,15 @@
 """Pure parts of on-policy generation: seeds, prompt rows, prompt ids, pre-tokenized
-training rows, and the generate config's validation. No Ray, no engine."""
+training rows, the generate config's validation, the typed actor settings, the tiny
+reward model's cache, and the one rerun check of `generate` and `iterate` (on tmp
+folders, through the CLI where the check runs before Ray). No Ray, no engine."""
+
+import dataclasses
 
 import pytest
 
 from simpo_ray.config import ConfigError, RunConfig
-from simpo_ray.data import TRUNCATED_SAME, ids_triplet, process_row, tokenize_triplet
-from simpo_ray.generate import encode_prompt, prompt_id_of, prompt_turns, sample_seed
+from simpo_ray.rows import TRUNCATED_SAME, ids_triplet, process_row, tokenize_triplet
+from simpo_ray.prompts import encode_prompt, prompt_id_of, prompt_turns, sample_seed
 from simpo_ray.sources import RowError
 
 
@@ -110,3 +114,114 @@ def test_cli_generate_and_iterate_dry_run(capsys):
     assert "rounds: 3" in capsys.readouterr().out
     assert main(["iterate", example, "--rounds", "0"]) == 2
     assert "generate.rounds" in capsys.readouterr().err
+
+
+def _example_cfg(tmp_path, *overrides):
+    import os
+
+    from tests.conftest import REPO
+
+    return RunConfig.from_yaml(os.path.join(REPO, "examples", "onpolicy_tiny_cpu.yaml"),
+                               [f"output.root={tmp_path}", "output.name=run", *overrides])
+
+
+def test_actor_settings_cross_the_boundary_as_plain_dicts(tmp_path):
+    import json
+
+    from simpo_ray.generators import GeneratorSettings
+    from simpo_ray.reward import ScorerSettings
+
+    cfg = _example_cfg(tmp_path, "generate.temperature=0.7", "generate.engine_kwargs.max_num_seqs=8",
+                       "model.dtype=float32", "generate.reward.batch_size=3")
+    g, r = GeneratorSettings.from_config(cfg), ScorerSettings.from_config(cfg)
+    assert (g.backend, g.temperature, g.num_samples, g.dtype) == (cfg.generate.backend, 0.7,
+                                                                  cfg.generate.num_samples, "float32")
+    assert g.engine_kwargs == cfg.generate.engine_kwargs and g.engine_kwargs["max_num_seqs"] == 8
+    assert (r.name_or_path, r.batch_size, r.seed, r.tiny["hidden_size"]) == ("tiny", 3, 1, cfg.model.tiny.hidden_size)
+    for s in (g, r):
+        d = s.to_dict()
+        assert json.loads(json.dumps(d)) == d  # plain values only
+        assert type(s).from_dict(d) == s
+        with pytest.raises(ValueError):
+            type(s).from_dict(dict(d, tempreature=1.0))
+    with pytest.raises(Exception):
+        g.temperature = 1.0  # frozen
+
+
+def test_tiny_reward_model_is_built_once_and_scores_one_value(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from simpo_ray.reward import ScorerSettings, reward_model_path
+
+    monkeypatch.setenv("SIMPO_RAY_CACHE", str(tmp_path))
+    s = ScorerSettings.from_config(_example_cfg(tmp_path))
+    path = reward_model_path(s)
+    assert path.startswith(str(tmp_path / "tiny-reward-"))
+    stamp = (tmp_path / path / "model.safetensors").stat().st_mtime_ns
+    assert reward_model_path(s) == path and (tmp_path / path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert reward_model_path(dataclasses.replace(s, seed=2)) != path  # another seed, another folder
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folder left
+    assert AutoModelForSequenceClassification.from_pretrained(path).config.num_labels == 1
+    assert reward_model_path(dataclasses.replace(s, name_or_path="org/rm")) == "org/rm"
+
+
+def _prompts():
+    return [{"prompt_id": "a", "prompt_ids": [1, 3, 9]}, {"prompt_id": "b", "prompt_ids": [1, 3, 7]}]
+
+
+def test_generate_rerun_check_frees_resources_only(tmp_path):
+    """The parts' manifest: resources may change (the same list `iterate` uses), sampling
+    settings, policy, round and prompts may not; refusals name the dotted field."""
+    from simpo_ray.generate import check_manifest
+
+    out = tmp_path / "generated"
+    check_manifest(out, _example_cfg(tmp_path), "tiny", 0, _prompts())
+    assert (out / "manifest.json").exists()
+    check_manifest(out, _example_cfg(tmp_path, "generate.reward.num_scorers=2", "generate.num_generators=3",
+                                     "generate.reward.cpus_per_scorer=2", "generate.rounds=4"), "tiny", 0, _prompts())
+    for args, field in ((("generate.temperature=0.5",), "generate.temperature"),
+                        (("generate.reward.batch_size=2",), "generate.reward.batch_size"),
+                        ((), "round")):
+        with pytest.raises(ConfigError) as e:
+            check_manifest(out, _example_cfg(tmp_path, *args), "tiny", 1 if field == "round" else 0, _prompts())
+        assert e.value.path == field and field in str(e.value)
+    with pytest.raises(ConfigError, match="prompts"):
+        check_manifest(out, _example_cfg(tmp_path), "tiny", 0, _prompts()[:1])
+
+
+def test_iterate_rerun_check_frees_the_same_resources(tmp_path):
+    from simpo_ray.onpolicy import check_settings
+
+    check_settings(_example_cfg(tmp_path))
+    check_settings(_example_cfg(tmp_path, "generate.reward.num_scorers=2", "generate.keep_generators=true",
+                                "generate.cpus_per_generator=2"))
+    with pytest.raises(ConfigError) as e:
+        check_settings(_example_cfg(tmp_path, "generate.temperature=0.5"))
+    assert e.value.path == "generate.temperature"
+
+
+def test_cli_refused_iterate_rerun_exits_2_without_a_traceback(tmp_path, capsys):
+    """The settings check runs before Ray: a refused rerun never starts anything."""
+    import os
+
+    from simpo_ray.cli import main
+    from simpo_ray.onpolicy import check_settings
+    from tests.conftest import REPO
+
+    check_settings(_example_cfg(tmp_path))  # the record a first run writes
+    example = os.path.join(REPO, "examples", "onpolicy_tiny_cpu.yaml")
+    assert main(["iterate", example, f"output.root={tmp_path}", "output.name=run", "generate.temperature=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "generate.temperature" in err and "other settings" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", ["generate", "iterate"])
+@pytest.mark.parametrize("text", ["generate: {num_samples: [1,\n", "- just\n- a list\n"])
+def test_cli_malformed_yaml_exits_2(tmp_path, capsys, cmd, text):
+    from simpo_ray.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main([cmd, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
