@@ -70,14 +70,7 @@ def all_reduce_sums(sums: dict) -> dict:
 
 
 def rss_mb() -> float:
-    """This process's current resident memory in MiB (Linux /proc; psutil elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    """This process's current resident memory in MiB (psutil: a Ray dependency)."""
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
