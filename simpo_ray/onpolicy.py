@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -69,12 +67,8 @@ def _init_ray(cfg: RunConfig) -> None:
     the workers train, so Ray Data still gets its share (else it starves: a hang)."""
     from simpo_ray.train import init_ray
 
-    g, t = cfg.generate, cfg.train
-    if g.keep_generators and cfg.ray.num_cpus is None:
-        cfg = RunConfig.from_dict(cfg.to_dict())
-        extra = math.ceil(g.num_generators * g.cpus_per_generator)
-        cfg.ray.num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2) + extra
-    init_ray(cfg)
+    g = cfg.generate
+    init_ray(cfg, extra_cpus=g.num_generators * g.cpus_per_generator if g.keep_generators else 0)
 
 
 def generate_pairs(cfg: RunConfig) -> dict:
