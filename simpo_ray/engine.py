@@ -66,15 +66,6 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def skip_cpu_shm_build() -> None:
-    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op on every process
-    (~50 s the first time). Gloo does the job for us; skip the build."""
-    import importlib
-
-    mod = importlib.import_module("deepspeed.comm.torch")  # `import ... as` binds torch (name clash)
-    mod.build_shm_op = lambda: None
-
-
 def build_engine(cfg, model_path: str, total_steps: int):
     """Load the model partitioned at load (ZeRO-3 via HfDeepSpeedConfig) and wrap it.
 
@@ -86,6 +77,7 @@ def build_engine(cfg, model_path: str, total_steps: int):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from simpo_ray.compat import skip_cpu_shm_build
     from simpo_ray.models import torch_dtype
     from simpo_ray.policy import PolicyLogps
 
