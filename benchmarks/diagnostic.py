@@ -129,34 +129,21 @@ def config(base: dict, name: str, steps: int, **sections):
     return RunConfig.from_dict(d)
 
 
-def fit(cfg, prepared: dict | None = None) -> dict:
+def fit(cfg, prepared=None) -> dict:
     """One training run from scratch on the shared Ray cluster (an old folder of the same
     name is removed first: training would otherwise resume it).
 
     ``prepared`` None: ``simpo_ray.train.train`` end to end, as ``simpo-ray sft/train``
-    runs it. Otherwise the datasets ``simpo_ray.train.prepare`` made once (tokenized
-    pairs, plus reference log-probs for DPO) go to a TorchTrainer built by
-    ``simpo_ray.train.make_trainer``, as the sweep does for its trials: the same
-    workers, without re-reading and re-tokenizing the data for every lr."""
-    from simpo_ray.train import make_plan, make_trainer, progress_callback, train
+    runs it. Otherwise ``simpo_ray.train.fit`` on the data ``simpo_ray.train.prepare``
+    made once (tokenized pairs, plus reference log-probs for DPO), as the sweep does for
+    its trials: the same workers, without re-reading and re-tokenizing the data for every lr."""
+    from simpo_ray.train import fit as train_fit
+    from simpo_ray.train import train
 
     run_dir = cfg.output.run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
-    if prepared is None:
-        _, summary = train(cfg)
-    else:
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        stats = prepared["stats"]
-        plan = make_plan(cfg, stats, cfg.model.name_or_path, has_eval="eval" in prepared["datasets"])
-        result = make_trainer(cfg, prepared["datasets"], plan,
-                              [progress_callback(str(run_dir), plan["total_steps"])],
-                              storage_path=str(run_dir.parent), name=cfg.output.name).fit()
-        final = result.metrics or {}
-        summary = {"finished": final.get("step", 0) >= final.get("total_steps", plan["total_steps"]),
-                   "run_dir": str(run_dir), "final_metrics": final, "export_dir": plan["export_dir"]}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _, summary = train(cfg) if prepared is None else train_fit(cfg, prepared)
     if not summary["finished"]:
         raise RuntimeError(f"run {cfg.output.name} did not finish: {summary}")
     with open(run_dir / "metrics.jsonl") as f:
@@ -166,14 +153,14 @@ def fit(cfg, prepared: dict | None = None) -> dict:
     return {"summary": summary, "reports": reports, "export": summary["export_dir"], "fit_s": fit_s}
 
 
-def with_reference(prepared: dict, cfg) -> dict:
+def with_reference(prepared, cfg):
     """The prepared datasets plus DPO's reference log-probs (one pass, the SFT model)."""
     from simpo_ray.reference import add_reference_logps
 
     pad_id = 0  # the tiny tokenizer's <|pad|>; checked in run()
     datasets = {k: add_reference_logps(v, cfg, cfg.model.name_or_path, pad_id)
-                for k, v in prepared["datasets"].items()}
-    return dict(prepared, datasets=datasets)
+                for k, v in prepared.datasets.items()}
+    return dataclasses.replace(prepared, datasets=datasets)
 
 
 # ---------------------------------------------------------------- evaluation (in-process)
@@ -308,7 +295,7 @@ def run(args) -> dict:
     from simpo_ray.train import prepare
 
     prepared = {"simpo": prepare(config(base, "prepare", b["pref_steps"], model={"name_or_path": sft_dir}))}
-    assert prepared["simpo"]["plan"]["pad_id"] == 0
+    assert prepared["simpo"].plan.pad_id == 0
     grid = []
     for method in METHODS:
         for lr in b["lrs"][method]:

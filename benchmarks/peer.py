@@ -150,14 +150,14 @@ class Ours:
 
         self.policy = PolicyLogps(lm, chunk_size=cfg.model.logps_chunk_size)
         self.policy.device = torch.device("cpu")  # forward_batch moves tensors to engine.device
-        self.cfg, self.plan = cfg, {"pad_id": pad_id}
+        self.cfg, self.pad_id = cfg, pad_id
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
 
     def forward_backward(self, batch) -> float:
         from simpo_ray.worker import forward_batch
 
         self.opt.zero_grad(set_to_none=True)
-        loss, _, _ = forward_batch(self.policy, batch, self.cfg, self.plan)
+        loss, _, _ = forward_batch(self.policy, batch, self.cfg, self.pad_id)
         loss.backward()
         return loss.item()
 
@@ -173,7 +173,7 @@ class Ours:
         from simpo_ray.collate import padding_stats
         from simpo_ray.worker import collate
 
-        s = padding_stats(collate(batch, self.cfg, self.plan)[0])
+        s = padding_stats(collate(batch, self.cfg, self.pad_id)[0])
         return s["tokens"], s["slots"]
 
 

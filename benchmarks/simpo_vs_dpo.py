@@ -60,7 +60,7 @@ class Step:
         self.mode = mode
         self.cfg = peer.run_config(a, packing=not a.padded, loss="simpo" if mode == "simpo" else "dpo",
                                    beta=a.beta if mode == "simpo" else a.dpo_beta)
-        self.plan = {"pad_id": pad_id}
+        self.pad_id = pad_id
         torch.manual_seed(0)
         lm = peer.base_model(size)
         self.policy = PolicyLogps(lm, chunk_size=self.cfg.model.logps_chunk_size)
@@ -81,7 +81,7 @@ class Step:
     def worker_loss(self, batch):
         from simpo_ray.worker import forward_batch
 
-        return forward_batch(self.policy, batch, self.cfg, self.plan)[0]
+        return forward_batch(self.policy, batch, self.cfg, self.pad_id)[0]
 
     def live_loss(self, batch):
         """forward_batch with a reference forward in place of the precomputed columns."""
@@ -90,7 +90,7 @@ class Step:
         from simpo_ray.objective import objective
         from simpo_ray.worker import collate
 
-        b, extra = collate(batch, self.cfg, self.plan)
+        b, extra = collate(batch, self.cfg, self.pad_id)
         args = (b["input_ids"], b.get("attention_mask"), b["labels"])
         with torch.no_grad():
             ref_sums, _ = self.ref(*args, sequence_index=b.get("sequence_index"), **extra)

@@ -1,10 +1,10 @@
 """``simpo-ray scale``: the same short training for a ladder of model sizes; cost against size.
 
 For each size the config's architecture is scaled (hidden size and layers; heads and MLP
-width follow) and trained for a few optimizer steps by the real machinery: Ray Data
-batches, a TorchTrainer of DeepSpeed workers, the worker's own ``forward_batch``. Each
-worker measures itself; rank 0 gathers the numbers and hands them back through the
-result's checkpoint. Recorded per size: parameters, tokens/s per worker, step time,
+width follow) and trained for a few optimizer steps by ``simpo_ray.train.fit``, the
+same run as ``simpo-ray train`` (Ray Data batches, DeepSpeed workers, a report per
+step); the numbers come from those step reports and the final checkpoint. Recorded
+per size: parameters, tokens/s per worker, step time,
 peak memory per worker (host RSS; GPU allocator peak on GPUs), model FLOPs
 utilisation against the device peak, checkpoint size (all ranks' DeepSpeed shards)
 and its save time. Written to a CSV and a log-log PNG of cost against parameters.
@@ -116,114 +116,38 @@ def build_scaled_model(base: str, hidden: int, layers: int, out_root: Path, seed
     return str(out)
 
 
-def measure_loop_per_worker(config: dict) -> None:
-    """One rung on one worker: build the engine, run the planned optimizer steps, save a
-    checkpoint to a private temp folder, and report what it cost. Collective: every
-    rank runs the same steps (ZeRO-3 forwards are collectives)."""
-    import resource
-    import shutil
-    import tempfile
-
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from simpo_ray.engine import build_engine, configure_threads
-    from simpo_ray.models import resolve_model_path
-    from simpo_ray.worker import forward_batch, iter_train, quiet_worker_logs
-
-    cfg, plan = RunConfig.from_dict(config["run"]), config["plan"]
-    quiet_worker_logs()
-    configure_threads(cfg.train.cpus_per_worker)
-    torch.manual_seed(cfg.train.seed)
-    rss_before = _rss_bytes()
-    model_path = resolve_model_path(cfg.model.name_or_path, plan["tiny_spec"])
-    engine, _ = build_engine(cfg, model_path, plan["total_steps"])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    shard = ray.train.get_dataset_shard("train")
-    steps, step, epoch = [], 0, 0
-    tokens = seqs = 0
-    clock = time.perf_counter()
-    while step < plan["total_steps"]:
-        for batch in iter_train(shard, cfg, epoch):
-            loss, _, n_tokens = forward_batch(engine, batch, cfg, plan)
-            engine.backward(loss)
-            engine.step()
-            tokens += n_tokens
-            seqs += 2 * len(batch["prompt_ids"])
-            if engine.global_steps == step:
-                continue
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            step = engine.global_steps
-            now = time.perf_counter()
-            steps.append({"seconds": now - clock, "tokens": tokens, "seqs": seqs})
-            tokens = seqs = 0
-            clock = now
-            if step >= plan["total_steps"]:
-                break
-        epoch += 1
-    peak_gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    tmp = tempfile.mkdtemp(prefix="simpo-scale-ckpt-")
-    t0 = time.perf_counter()
-    engine.save_checkpoint(tmp, tag="scale")
-    save_s = time.perf_counter() - t0
-    ckpt_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-    shutil.rmtree(tmp, ignore_errors=True)
-    mine = {
-        "rank": dist.get_rank(), "steps": steps, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_before_model": rss_before, "peak_gpu": peak_gpu, "checkpoint_bytes": ckpt_bytes,
-        "checkpoint_save_s": save_s,
-        "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.lm.parameters()),
-    }
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    report = {"scale": json.dumps(everyone)}
-    checkpoint = None
-    if dist.get_rank() == 0:  # a report carries metrics to the driver only with a checkpoint
-        d = tempfile.mkdtemp(prefix="simpo-scale-")
-        Path(d, "scale.json").write_text(json.dumps(everyone))
-        checkpoint = ray.train.Checkpoint.from_directory(d)
-    ray.train.report(report, checkpoint=checkpoint)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def summarize(label: str, dims: dict, shape, ranks: list, cfg: RunConfig, peak_tflops: Optional[float]) -> dict:
-    """Per-rung row from every rank's measurements (step time: the slowest rank per
-    step, median over the timed steps; memory: the largest rank)."""
-    n_steps = min(len(r["steps"]) for r in ranks)
-    timed = range(1, n_steps) if n_steps > 1 else range(n_steps)
-    step_times = [max(r["steps"][i]["seconds"] for r in ranks) for i in timed]
-    tok = statistics.mean(r["steps"][i]["tokens"] for r in ranks for i in timed)
-    seqs = statistics.mean(r["steps"][i]["seqs"] for r in ranks for i in timed)
-    step_time = statistics.median(step_times)
+def summarize(label: str, dims: dict, shape, reports: list, cfg: RunConfig, peak_tflops: Optional[float],
+              checkpoint_bytes: int) -> dict:
+    """Per-rung row from the run's step reports (``train.log_every`` 1: one per optimizer
+    step). Step time: the workers' own wall time per step (``step_time_s``; every rank
+    waits for the slowest in the step's collectives), median over the timed steps, the
+    first being warm-up; tokens: global non-pad tokens per step over the workers;
+    memory: the largest worker's peaks (``sys/peak_rss_mb``, ``sys/model_rss_mb``,
+    ``sys/gpu_peak_mb``)."""
+    steps = [m for m in reports if "step_time_s" in m]
+    timed = steps[1:] if len(steps) > 1 else steps
+    workers = cfg.train.num_workers
+    step_time = statistics.median(m["step_time_s"] for m in timed)
+    tok = statistics.mean(m["tokens_per_s"] * m["step_time_s"] for m in timed) / workers
+    seqs = statistics.mean(2 * m["pairs"] for m in timed) / workers
     mean_len = tok / max(seqs, 1)
     tps = tok / step_time
     fpt = shape.flops_per_token(int(round(mean_len)))
     achieved = tps * fpt / 1e12
-    peak_rss = max(r["peak_rss"] for r in ranks)
+    peak = lambda key: max(m.get(key, 0.0) for m in steps) * 2**20 / 2**30  # noqa: E731 - MiB -> GiB
     return {
         "size": label, "hidden": dims["hidden_size"], "layers": dims["num_layers"], "heads": dims["num_heads"],
-        "intermediate": dims["intermediate_size"], "params": ranks[0]["params"], "workers": len(ranks),
-        "micro_batch": cfg.train.micro_batch_size, "steps_timed": len(step_times),
+        "intermediate": dims["intermediate_size"], "params": shape.params(), "workers": workers,
+        "micro_batch": cfg.train.micro_batch_size, "steps_timed": len(timed),
         "tokens_per_step_per_worker": round(tok, 1), "mean_seq_len": round(mean_len, 1),
         "step_time_s": round(step_time, 4), "tokens_per_s_per_worker": round(tps, 1),
         "flops_per_token": int(fpt), "achieved_tflops_per_worker": _sig(achieved),
         "peak_tflops_per_worker": _sig(peak_tflops) if peak_tflops else "",
         "mfu": _sig(achieved / peak_tflops) if peak_tflops else "",
-        "peak_rss_gib": _sig(peak_rss / 2**30),
-        "model_rss_gib": _sig(max(r["peak_rss"] - r["rss_before_model"] for r in ranks) / 2**30),
-        "peak_gpu_gib": _sig(max(r["peak_gpu"] for r in ranks) / 2**30),
-        "checkpoint_gib": _sig(sum(r["checkpoint_bytes"] for r in ranks) / 2**30),
-        "checkpoint_save_s": round(max(r["checkpoint_save_s"] for r in ranks), 3),
+        "peak_rss_gib": _sig(peak("sys/peak_rss_mb")), "model_rss_gib": _sig(peak("sys/model_rss_mb")),
+        "peak_gpu_gib": _sig(peak("sys/gpu_peak_mb")),
+        "checkpoint_gib": _sig(checkpoint_bytes / 2**30),
+        "checkpoint_save_s": round(max(m.get("sys/checkpoint_save_s", 0.0) for m in steps), 3),
     }
 
 
@@ -303,14 +227,11 @@ def plot(rows: list, path: Path, title: str, tolerance: float = SLOPE_TOLERANCE)
 
 def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflops: Optional[float] = None,
               tolerance: float = SLOPE_TOLERANCE) -> list:
-    """Train every size for ``steps`` optimizer steps (the first untimed); returns rows
-    and writes ``scale.csv``, ``scale.png`` and ``scale.json`` into ``out_dir``."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from simpo_ray.models import resolve_model_path
+    """Train every size for ``steps`` optimizer steps (the first untimed) with
+    ``train.fit``, a report per step and one checkpoint at the end; returns rows and
+    writes ``scale.csv``, ``scale.png`` and ``scale.json`` into ``out_dir``."""
     from simpo_ray.shapes import model_shape
-    from simpo_ray.train import prepare
+    from simpo_ray.train import fit, prepare
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +239,7 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
     if steps < 2:
         raise ValueError("steps must be >= 2 (the first step is warm-up, not timed)")
     t = cfg.train
-    rows, prepared = [], None
+    rows, prepared, stamp = [], None, int(time.time())
     for label, hidden, layers in rungs:
         model_dir = None
         if cfg.model.name_or_path != "tiny":
@@ -326,34 +247,20 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
             model_dir = build_scaled_model(cfg.model.name_or_path, hidden, layers,
                                            cfg.output.run_dir.parent / "scale-models",
                                            trust_remote_code=cfg.model.trust_remote_code)
-        rcfg = size_config(cfg, hidden, layers, model_dir)
+        rcfg = rung_config(size_config(cfg, hidden, layers, model_dir), label, steps, stamp)
         if prepared is None:  # one tokenizer for the whole ladder: the data is prepared once
             prepared = prepare(rcfg)
-        plan = dict(prepared["plan"], tiny_spec=dataclasses.asdict(rcfg.model.tiny), total_steps=steps)
-        # Build the rung's model folder here first, as train.prepare does: workers then find it
-        # instead of all building it at once.
-        resolve_model_path(rcfg.model.name_or_path, plan["tiny_spec"])
+            # Timing only: no held-out pass at the last step.
+            prepared = dataclasses.replace(prepared, datasets={"train": prepared.datasets["train"]},
+                                           plan=dataclasses.replace(prepared.plan, has_eval=False))
         shape = model_shape(rcfg)
         print(f"[simpo-ray scale] {label}: hidden {hidden}, layers {layers}, {shape.params():,} parameters, "
               f"{steps} steps on {t.num_workers} workers", flush=True)
-        trainer = TorchTrainer(
-            measure_loop_per_worker,
-            train_loop_config={"run": rcfg.to_dict(), "plan": plan},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=t.num_workers, use_gpu=t.use_gpu,
-                resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-            datasets={"train": prepared["datasets"]["train"]},
-            # Train's storage as for `simpo-ray train` (shared on a cluster): rank 0's
-            # measurements travel back through it.
-            run_config=ray.train.RunConfig(name=f"scale-{label}-{int(time.time())}",
-                                           storage_path=cfg.output.storage or str(cfg.output.run_dir.parent)),
-        )
         load_before = os.getloadavg()[0]
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            ranks = json.loads(Path(d, "scale.json").read_text())
-        row = summarize(label, scaled_dims(hidden, layers), shape, ranks, rcfg, peak_tflops)
+        result, summary = fit(rcfg, prepared)
+        reports = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        row = summarize(label, scaled_dims(hidden, layers), shape, reports, rcfg, peak_tflops,
+                        _folder_bytes(result.checkpoint))
         # Timings on a shared machine are only as good as its quiet: keep the load next to them.
         row["host_load_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
         rows.append(row)
@@ -375,6 +282,21 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
         if r["flag"]:
             print(f"[simpo-ray scale] FLAG {r['size']}: {r['flag']}", flush=True)
     return rows
+
+
+def rung_config(cfg: RunConfig, label: str, steps: int, stamp: int) -> RunConfig:
+    """A rung's run: ``steps`` steps, a report each, one checkpoint at the end, no
+    held-out pass, no export, in a run folder of its own."""
+    d = cfg.to_dict()
+    d["train"].update(max_steps=steps, log_every=1, eval_every=10**9, checkpoint_every=steps, max_failures=0)
+    d["output"].update(name=f"scale-{label}-{stamp}", export=False, keep_checkpoints=1)
+    return RunConfig.from_dict(d)
+
+
+def _folder_bytes(checkpoint) -> int:
+    """Bytes of every file in a Ray checkpoint (all ranks' DeepSpeed shards)."""
+    with checkpoint.as_directory() as d:
+        return sum(p.stat().st_size for p in Path(d).rglob("*") if p.is_file())
 
 
 def measure_cpu_gemm_tflops(threads: int, n: int = 2048, repeats: int = 5) -> float:

@@ -1,4 +1,8 @@
-"""train(cfg): the driver. Ray up -> data prepared -> TorchTrainer.fit() -> summary.
+"""The driver: Ray up -> data prepared once -> ``fit`` (the only TorchTrainer) -> summary.
+
+``prepare(cfg)`` reads, checks and tokenizes the data once and plans the steps;
+``fit(cfg, prepared, callbacks)`` runs one training run on it. ``train``, ``sft``,
+sweep trials, ``scale``, on-policy rounds and the benchmarks all go through ``fit``.
 
 Run folder (``output.root/output.name``): ``config.yaml`` (resolved), ``metrics.jsonl``
 (one line per report), Ray's ``checkpoint_*`` folders, ``model/`` (the export) and
@@ -15,19 +19,20 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from simpo_ray.config import RunConfig
-
-# Written by the driver on SIGTERM / Ctrl-C; workers then checkpoint and stop.
-STOP_FILE = "STOP"
+from simpo_ray.runplan import STOP_FILE, RunPlan
 
 
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join ``ray.address`` / $RAY_ADDRESS, else start a private local cluster."""
+def init_ray(cfg: RunConfig, extra_cpus: float = 0) -> None:
+    """Join ``ray.address`` / $RAY_ADDRESS, else start a private local cluster.
+    ``extra_cpus``: CPUs that other actors (kept generators) hold while workers train."""
     import ray
     import ray.data
 
@@ -45,7 +50,8 @@ def init_ray(cfg: RunConfig) -> None:
     t = cfg.train
     # Ray Data only gets CPUs that Train does not hold: declare a few more logical CPUs
     # than the workers reserve, or the data stream starves (a silent hang).
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2)
+    num_cpus = cfg.ray.num_cpus or (max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + 2)
+                                    + math.ceil(extra_cpus))
     # A private cluster listens on loopback only: without this switch Ray rewrites
     # 127.0.0.1 to the machine's interface address. The dashboard serves the state
     # API that Ray Train's placement-group cleaner and Tune over Train rely on.
@@ -76,7 +82,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> dict:
+def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool, run_dir: str = "") -> RunPlan:
     """Steps and other facts every worker needs, computed once on the driver."""
     from transformers import AutoTokenizer
 
@@ -88,7 +94,7 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
     pairs_per_micro = t.micro_batch_size
     if cfg.data.token_budget:
         # Micro-batches are cut by tokens: the workers count the exact steps of every
-        # epoch before training (worker.budget_schedule); this estimate only sizes the
+        # epoch before training (simpo_ray.budget); this estimate only sizes the
         # driver's plan line and a sweep's ASHA horizon.
         pairs_per_micro = max(1, cfg.data.token_budget // max(1, round(stats.get("mean_pair_tokens") or 1)))
     steps_per_epoch = rows_per_rank // pairs_per_micro // t.grad_accum_steps
@@ -103,21 +109,33 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool) -> d
         total = min(total, t.max_steps)
     tok = AutoTokenizer.from_pretrained(model_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return {
-        "steps_per_epoch": steps_per_epoch, "total_steps": total, "has_eval": has_eval,
-        "pad_id": pad_id, "tiny_spec": dataclasses.asdict(cfg.model.tiny),
-        "export_dir": str(cfg.output.run_dir / "model"),
-        "run_dir": str(cfg.output.run_dir), "stop_file": str(cfg.output.run_dir / STOP_FILE),
-        # Fault injection for tests: SIMPO_RAY_INJECT_NAN="epoch:micro,..." poisons those losses.
-        "inject_nan": [x for x in os.environ.get("SIMPO_RAY_INJECT_NAN", "").split(",") if x],
-        "margin": {"gamma": cfg.simpo.resolved_gamma,
-                   "gamma_beta_ratio": cfg.simpo.resolved_gamma_beta_ratio},
-        "stats": {k: v for k, v in stats.items() if k != "files"},
-        # Constant per run, logged with every report so drops are never silent.
-        "data_metrics": {"data/dropped_total": sum((stats.get("dropped") or {}).values()),
-                         "data/unused_pairs_per_epoch": stats["train_pairs"] - steps_per_epoch * t.total_batch_size,
-                         **{f"data/dropped/{k}": v for k, v in (stats.get("dropped") or {}).items()}},
-    }
+    return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id,
+                   run_dir=run_dir or str(cfg.output.run_dir),
+                   stats={k: v for k, v in stats.items() if k != "files"},
+                   unused_pairs_per_epoch=stats["train_pairs"] - steps_per_epoch * t.total_batch_size)
+
+
+@dataclass
+class Prepared:
+    """The data read, checked and tokenized once (Ray datasets), and the plan made for
+    ``cfg``. Sweeps, scale ladders and benchmarks fit several configs on one Prepared."""
+
+    cfg: RunConfig
+    datasets: dict
+    plan: RunPlan
+    stats: dict
+    model_path: str
+
+    def plan_for(self, cfg: RunConfig, run_dir: str) -> RunPlan:
+        """The plan for ``cfg`` on this data: the prepared one when nothing it depends on
+        changed (steps, batches, the tokenizer's pad id), else planned again."""
+        if (cfg.train, cfg.data, cfg.model.name_or_path) == (self.cfg.train, self.cfg.data,
+                                                              self.cfg.model.name_or_path):
+            return dataclasses.replace(self.plan, run_dir=run_dir)
+        from simpo_ray.models import resolve_model_path
+
+        path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
+        return make_plan(cfg, self.stats, path, self.plan.has_eval, run_dir)
 
 
 def progress_callback(run_dir: str, total_steps: int):
@@ -143,14 +161,12 @@ def progress_callback(run_dir: str, total_steps: int):
     return Progress()
 
 
-def prepare(cfg: RunConfig) -> dict:
-    """Ray up, data read/validated/tokenized once, the plan computed.
-
-    Returns {"datasets": {"train", ["eval"]}, "plan": dict, "stats": dict}. A sweep
-    calls this once and hands the same datasets to every trial.
-    """
+def prepare(cfg: RunConfig) -> Prepared:
+    """Ray up, data read/validated/tokenized once (plus reference log-probs for the
+    losses that need them), the plan computed."""
     from simpo_ray.data import prepare_datasets
     from simpo_ray.models import check_model_folder, resolve_model_path
+    from simpo_ray.objective import LOSSES
 
     init_ray(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
@@ -161,51 +177,79 @@ def prepare(cfg: RunConfig) -> dict:
     datasets = {"train": data["train"]}
     if data["eval"] is not None:
         datasets["eval"] = data["eval"]
-    from simpo_ray.objective import NEEDS_REFERENCE
-
-    if cfg.simpo.loss in NEEDS_REFERENCE:
+    if LOSSES[cfg.simpo.loss].needs_reference:
         from simpo_ray.reference import add_reference_logps
 
         print(f"[simpo-ray] loss '{cfg.simpo.loss}' needs reference log-probs: one pass over the data")
-        datasets = {k: add_reference_logps(v, cfg, model_path, plan["pad_id"]) for k, v in datasets.items()}
+        datasets = {k: add_reference_logps(v, cfg, model_path, plan.pad_id) for k, v in datasets.items()}
     print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
           f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
     if cfg.data.token_budget:
         print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro-batches of <= {cfg.data.token_budget} "
-              f"tokens x accumulation {cfg.train.grad_accum_steps}; about {plan['steps_per_epoch']} steps/epoch "
+              f"tokens x accumulation {cfg.train.grad_accum_steps}; about {plan.steps_per_epoch} steps/epoch "
               f"(mean pair {stats.get('mean_pair_tokens', 0):.0f} tokens; the workers count the exact steps)")
     else:
         print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
               f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
-              f"{plan['steps_per_epoch']} steps/epoch, {plan['total_steps']} steps")
-    return {"datasets": datasets, "plan": plan, "stats": stats}
+              f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
+    return Prepared(cfg=cfg, datasets=datasets, plan=plan, stats=stats, model_path=model_path)
 
 
-def make_trainer(cfg: RunConfig, datasets: dict, plan: dict, callbacks: list, storage_path: str,
-                 name: str):
-    """The TorchTrainer for one run: N DeepSpeed workers over gloo (CPU) or NCCL (GPU)."""
+def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str] = None,
+        storage: Optional[str] = None):
+    """One training run (or its resume) of ``cfg`` on prepared data: the only place a
+    ``TorchTrainer`` is built. N DeepSpeed workers over gloo (CPU) or NCCL (GPU).
+
+    Ray Train's run is ``storage/name`` (default: ``output.storage`` or the run folder's
+    parent, and ``output.name``), so rerunning the same name resumes from its latest
+    checkpoint. The run folder (config, metrics.jsonl, summary) is ``storage/name`` when
+    ``storage`` is given (a local path, as sweeps give it), else ``output.run_dir``.
+    ``callbacks``: Ray Train callbacks besides the progress line (e.g. Tune's).
+    Returns (ray Result, summary dict)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from simpo_ray.data import ingest_config
     from simpo_ray.worker import train_loop_per_worker
 
-    t = cfg.train
-    return TorchTrainer(
+    run_dir = Path(storage) / name if storage and name else cfg.output.run_dir
+    name, storage = name or cfg.output.name, storage or cfg.output.storage or str(cfg.output.run_dir.parent)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to one invocation
+    plan = prepared.plan_for(cfg, str(run_dir))
+    started, t = time.time(), cfg.train
+    # Test hooks and caches (SIMPO_RAY_*) reach the workers as the driver has them.
+    env = {k: v for k, v in os.environ.items() if k.startswith("SIMPO_RAY_")}
+    trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "plan": plan},
+        train_loop_config={"run": cfg.to_dict(), "plan": plan.to_dict(), "env": env},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets=datasets,
+        datasets=prepared.datasets,
         dataset_config=ingest_config(),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks),
+            callbacks=[progress_callback(str(run_dir), plan.total_steps), *callbacks]),
     )
+    with graceful_stop(run_dir / STOP_FILE):
+        result = trainer.fit()
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    final = result.metrics or {}
+    total_steps = final.get("total_steps", plan.total_steps)  # exact from the workers
+    summary = {
+        "finished": final.get("step", 0) >= total_steps,
+        "run_dir": str(run_dir), "total_steps": total_steps,
+        "final_metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export_dir": plan.export_dir if cfg.output.export else None,
+        "data": prepared.stats, "wall_s": round(time.time() - started, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return result, summary
 
 
 @contextlib.contextmanager
@@ -231,31 +275,12 @@ def graceful_stop(stop_file: Path):
 
 
 def train(cfg: RunConfig):
-    """Run (or resume) one SimPO training run. Returns (ray Result, summary dict)."""
+    """Run (or resume) one training run. Returns (ray Result, summary dict)."""
     cfg.validate()
-    run_dir = cfg.output.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     started = time.time()
-    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to one invocation
     prepared = prepare(cfg)
-    plan, stats = prepared["plan"], prepared["stats"]
-    print(f"[simpo-ray] run folder {run_dir}")
-    trainer = make_trainer(cfg, prepared["datasets"], plan,
-                           [progress_callback(str(run_dir), plan["total_steps"])],
-                           storage_path=cfg.output.storage or str(run_dir.parent), name=cfg.output.name)
-    with graceful_stop(run_dir / STOP_FILE):
-        result = trainer.fit()
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    final = result.metrics or {}
-    total_steps = final.get("total_steps", plan["total_steps"])  # exact from the workers
-    done = final.get("step", 0) >= total_steps
-    summary = {
-        "finished": done,
-        "run_dir": str(run_dir), "total_steps": total_steps,
-        "final_metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export_dir": plan["export_dir"] if cfg.output.export else None,
-        "data": stats, "wall_s": round(time.time() - started, 1),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"[simpo-ray] run folder {cfg.output.run_dir}")
+    result, summary = fit(cfg, prepared)
+    summary["wall_s"] = round(time.time() - started, 1)
+    (cfg.output.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return result, summary

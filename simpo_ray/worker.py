@@ -7,108 +7,156 @@ forwards and ``ray.train.report`` are collectives: a rank that skips one hangs t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import time
 
-from simpo_ray import checkpoint, metrics
+from simpo_ray import budget, checkpoint, metrics
 from simpo_ray.config import RunConfig
+from simpo_ray.objective import LOSSES
+from simpo_ray.runplan import RunPlan, TrainState
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
+
+    from simpo_ray.engine import build_engine
+
+    cfg, plan, rank = start_worker(config)
+    t = cfg.train
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+    epoch_steps = budget.schedule(train_shard, cfg) if cfg.data.token_budget else None
+    if epoch_steps:
+        plan = budget.counted_plan(plan, epoch_steps, cfg, rank)
+    engine, _ = build_engine(cfg, model_path(cfg), plan.total_steps)
+    restored = checkpoint.restore(engine)
+    state = TrainState.from_dict(restored) if restored else TrainState()
+    if rank == 0 and state.step:
+        print(f"[simpo-ray] resumed at step {state.step} (epoch {state.epoch}, micro-batch {state.micro})")
+    if state.step == 0 and eval_shard is not None:  # the baseline the curve starts from
+        report, state = build_report(engine, cfg, plan, state, None, eval_shard)
+        ray.train.report(report)
+    window, reported, stop = Window(state.step), state.step, False
+    for position, rank_micro, epoch in optimizer_steps(engine, train_shard, cfg, plan, epoch_steps, state, window):
+        state = state.replace(**position)
+        stop = should_stop(plan, t, state.step)
+        last = state.step >= plan.total_steps
+        if not (last or stop or any(state.step % k == 0 for k in (t.log_every, t.eval_every, t.checkpoint_every))):
+            continue
+        due_eval = eval_shard is not None and (state.step % t.eval_every == 0 or last)
+        report, state = build_report(engine, cfg, plan, state, window, eval_shard if due_eval else None,
+                                     epoch=epoch, rank_micro=rank_micro)
+        save = state.step % t.checkpoint_every == 0 or last or stop
+        report_and_checkpoint(engine, report, state if save else None)
+        window, reported = Window(state.step), state.step
+        if last or stop:
+            break
+    if state.step > reported:  # dropped micro-batches ended the data before the last planned step
+        state = state.replace(epoch=t.epochs, micro=0)
+        report, state = build_report(engine, cfg, plan, state, window, None, epoch=t.epochs - 1)
+        report_and_checkpoint(engine, report, state)
+    if stop and state.step < plan.total_steps:
+        if rank == 0:
+            print(f"[simpo-ray] stopped at step {state.step} with a checkpoint; rerun the same command to continue")
+        return
+    if cfg.output.export:
+        card = checkpoint.model_card(cfg.to_dict(), plan.stats, {"step": state.step})
+        path = checkpoint.export(engine, model_path(cfg), plan.export_dir, card)
+        if rank == 0:
+            print(f"[simpo-ray] exported Hugging Face model to {path}")
+
+
+def start_worker(config: dict):
+    """The config and plan from the driver, the driver's SIMPO_RAY_* environment, quiet
+    logs, threads, the seed and a pid file. Returns (cfg, plan, rank)."""
+    import ray.train
     import torch
 
-    from simpo_ray.engine import build_engine, configure_threads
+    from simpo_ray.engine import configure_threads
+
+    global _RSS_START_MB
+    _RSS_START_MB = metrics.rss_mb()  # before the model: sys/model_rss_mb is what loading and training added
+    os.environ.update(config.get("env") or {})
+    cfg, plan = RunConfig.from_dict(config["run"]), RunPlan.from_dict(config["plan"])
+    quiet_worker_logs()
+    configure_threads(cfg.train.cpus_per_worker)
+    torch.manual_seed(cfg.train.seed)
+    rank = ray.train.get_context().get_world_rank()
+    write_pid_file(plan.run_dir, rank)
+    return cfg, plan, rank
+
+
+_RSS_START_MB = 0.0
+
+
+def model_path(cfg: RunConfig) -> str:
     from simpo_ray.models import resolve_model_path
 
-    cfg, plan = RunConfig.from_dict(config["run"]), config["plan"]
-    t = cfg.train
-    quiet_worker_logs()
-    configure_threads(t.cpus_per_worker)
-    torch.manual_seed(t.seed)
-    rank = ray.train.get_context().get_world_rank()
-    write_pid_file(plan["run_dir"], rank)
-    model_path = resolve_model_path(cfg.model.name_or_path, plan["tiny_spec"])
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if plan["has_eval"] else None
-    schedule = None  # token budget: global pairs of every step, per epoch
-    if cfg.data.token_budget:
-        schedule = budget_schedule(train_shard, cfg)
-        plan = budget_plan(plan, schedule, cfg, rank)
-    engine, _ = build_engine(cfg, model_path, plan["total_steps"])
-    state = checkpoint.restore(engine) or {"step": 0, "epoch": 0, "micro": 0, "skipped_micro_batches": 0}
-    if rank == 0 and state["step"]:
-        print(f"[simpo-ray] resumed at step {state['step']} (epoch {state['epoch']}, micro-batch {state['micro']})")
-    world = ray.train.get_context().get_world_size()
-    epoch_micro = micro_batches_per_epoch(schedule, plan, t)
+    return resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
 
-    if state["step"] == 0 and eval_shard is not None:  # the baseline the curve starts from
-        baseline = {"step": 0, **evaluate(engine, eval_shard, cfg, plan), **plan["margin"]}
-        collapse_alarm(baseline, state, cfg.simpo.chosen_logp_alarm, rank)
-        ray.train.report(baseline)
-    step = reported = state["step"]
-    sums, tokens, clock, bad_streak, stop = {}, 0, time.perf_counter(), 0, False
-    for epoch in range(state["epoch"], t.epochs):
-        skip = state["micro"] if epoch == state["epoch"] else 0
-        micro_per_epoch = epoch_micro[epoch]
-        for micro, batch in enumerate(iter_micro(train_shard, cfg, epoch), start=1):
-            if micro > micro_per_epoch or step >= plan["total_steps"] or stop:
+
+class Window:
+    """What the steps since the last report add up: metric sums, tokens, wall time."""
+
+    def __init__(self, step: int = 0):
+        self.sums, self.tokens, self.started, self.first_step = {}, 0, time.perf_counter(), step
+
+    def add(self, pair_sums: dict, tokens: int) -> None:
+        metrics.add_sums(self.sums, pair_sums)
+        self.tokens += tokens
+
+
+def optimizer_steps(engine, shard, cfg: RunConfig, plan: RunPlan, epoch_steps, state: TrainState, window: Window):
+    """Run micro-batches from ``state``'s position; after every optimizer step yield
+    (the new position: step, epoch, micro, skipped_micro_batches; micro-batches this
+    rank has run in all; the epoch it ran in). Non-finite losses are dropped on every
+    rank before backward (parameters and the accumulation window untouched; the next
+    micro-batch takes the place); ``train.max_bad_steps`` in a row stop the run."""
+    import torch.distributed as dist
+
+    t = cfg.train
+    epoch_micro = budget.micro_batches_per_epoch(epoch_steps, plan.steps_per_epoch, t)
+    world, faults, bad, skipped = dist.get_world_size(), injected_faults(), 0, state.skipped_micro_batches
+    step = state.step
+    if step >= plan.total_steps:  # a rerun of a finished run: nothing to train
+        return
+    for epoch in range(state.epoch, t.epochs):
+        skip = state.micro if epoch == state.epoch else 0
+        for micro, batch in enumerate(budget.iter_micro(shard, cfg, epoch), start=1):
+            if micro > epoch_micro[epoch]:
                 break
             if micro <= skip:  # resume: these micro-batches were trained before the checkpoint
                 continue
-            loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan)
-            if schedule:  # a mean over the step's pairs on all ranks, not over this micro-batch's
-                loss = loss * budget_loss_scale(len(batch["prompt_ids"]), world, t.grad_accum_steps,
-                                                step_pairs(schedule[epoch], micro, t.grad_accum_steps))
-            if not agree(torch.isfinite(loss).item() and f"{epoch}:{micro}" not in plan["inject_nan"]):
-                # Dropped on every rank before backward: parameters and the gradient
-                # accumulation window are untouched; the next micro-batch takes its place.
-                state["skipped_micro_batches"] += 1
-                bad_streak = check_bad_streak(bad_streak + 1, t.max_bad_steps, step, epoch, micro, batch)
+            loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan.pad_id)
+            if epoch_steps:  # a mean over the step's pairs on all ranks, not over this micro-batch's
+                loss = loss * budget.loss_scale(len(batch["prompt_ids"]), world, t.grad_accum_steps,
+                                                budget.step_pairs(epoch_steps[epoch], micro, t.grad_accum_steps))
+            if not agree(bool(loss.isfinite().item()) and f"{epoch}:{micro}" not in faults):
+                skipped += 1
+                bad = check_bad_streak(bad + 1, t.max_bad_steps, engine.global_steps, epoch, micro, batch)
                 continue
             engine.backward(loss)
             engine.step()
-            metrics.add_sums(sums, pair_sums)
-            tokens += n_tokens
+            window.add(pair_sums, n_tokens)
             if engine.global_steps == step:  # still accumulating gradients
                 continue
             step = engine.global_steps
             grad_ok = math.isfinite(float(engine.get_global_grad_norm() or 0.0))  # DeepSpeed skipped it if not
-            bad_streak = 0 if grad_ok else check_bad_streak(bad_streak + 1, t.max_bad_steps, step, epoch, micro, batch)
-            stop = should_stop(plan, t, step)
-            last = step >= plan["total_steps"]
-            if step % t.log_every and step % t.eval_every and step % t.checkpoint_every and not (last or stop):
-                continue
-            report = step_report(engine, sums, tokens, time.perf_counter() - clock, step, epoch)
-            if eval_shard is not None and (step % t.eval_every == 0 or last):
-                report.update(evaluate(engine, eval_shard, cfg, plan))
-            report.update(plan["margin"], **plan["data_metrics"],
-                          rank_micro_batches=micro + sum(epoch_micro[:epoch]),
-                          total_steps=plan["total_steps"],
-                          skipped_micro_batches=state["skipped_micro_batches"],
-                          skipped_steps=int(engine.skipped_steps))
-            collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, rank)
-            state.update(step=step, epoch=epoch if micro < micro_per_epoch else epoch + 1,
-                         micro=micro if micro < micro_per_epoch else 0)
-            save_now = step % t.checkpoint_every == 0 or last or stop
-            report_and_checkpoint(engine, report, dict(state) if save_now else None)
-            reported, sums, tokens, clock = step, {}, 0, time.perf_counter()
-    if step > reported:  # dropped micro-batches ended the data before the last planned step
-        state.update(step=step, epoch=t.epochs, micro=0)
-        report = step_report(engine, sums, tokens, time.perf_counter() - clock, step, t.epochs - 1)
-        report_and_checkpoint(engine, dict(report, **plan["margin"]), dict(state))
+            bad = 0 if grad_ok else check_bad_streak(bad + 1, t.max_bad_steps, step, epoch, micro, batch)
+            end = micro >= epoch_micro[epoch]
+            yield ({"step": step, "epoch": epoch + end, "micro": 0 if end else micro, "skipped_micro_batches": skipped},
+                   micro + sum(epoch_micro[:epoch]), epoch)
+            if step >= plan.total_steps:
+                return
 
-    if stop and step < plan["total_steps"]:
-        if rank == 0:
-            print(f"[simpo-ray] stopped at step {step} with a checkpoint; rerun the same command to continue")
-        return
-    if cfg.output.export:
-        card = checkpoint.model_card(cfg.to_dict(), plan["stats"], {"step": step})
-        path = checkpoint.export(engine, model_path, plan["export_dir"], card)
-        if rank == 0:
-            print(f"[simpo-ray] exported Hugging Face model to {path}")
+
+def injected_faults() -> set:
+    """Fault injection for tests: SIMPO_RAY_INJECT_NAN="epoch:micro,..." poisons those
+    micro-batches' losses (the driver forwards SIMPO_RAY_* variables to the workers)."""
+    return {x for x in os.environ.get("SIMPO_RAY_INJECT_NAN", "").split(",") if x}
 
 
 def agree(ok: bool) -> bool:
@@ -121,14 +169,14 @@ def agree(ok: bool) -> bool:
     return int(flag) == 0
 
 
-def should_stop(plan: dict, t, step: int) -> bool:
+def should_stop(plan: RunPlan, t, step: int) -> bool:
     """Stop early with a checkpoint: ``train.stop_after`` reached, or the driver asked
     (it writes the stop file on SIGTERM / Ctrl-C). Rank 0 looks; everyone agrees."""
     import torch.distributed as dist
 
     asked = bool(t.stop_after and step >= t.stop_after)
     if dist.get_rank() == 0:
-        asked = asked or os.path.exists(plan["stop_file"])
+        asked = asked or os.path.exists(plan.stop_file)
     return not agree(not asked)
 
 
@@ -166,96 +214,13 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
 
 
-def iter_micro(shard, cfg: RunConfig, epoch: int):
-    """The micro-batches of one epoch: ``micro_batch_size`` pairs, or with
-    ``data.token_budget`` as many whole pairs as fit the budget (same order)."""
-    batches = iter_train(shard, cfg, epoch)
-    if not cfg.data.token_budget:
-        return batches
-    from simpo_ray.collate import token_budget_batches
-
-    return token_budget_batches(batches, cfg.data.token_budget)
-
-
-def budget_schedule(shard, cfg: RunConfig) -> list:
-    """Token-budget batching: the global number of pairs in every optimizer step of
-    every epoch, as ``[[pairs of step 1, ...] per epoch]``.
-
-    Budget micro-batches hold a data-dependent number of pairs, so ranks would run
-    different numbers of forwards (a ZeRO-3 hang). Each rank counts its own stream
-    once per epoch (the order is seeded, so the training pass sees the same batches);
-    the ranks then agree to take the steps every rank can fill, and sum the pairs of
-    each step so the loss can be a mean over all of them."""
-    import torch
-    import torch.distributed as dist
-
-    gas = cfg.train.grad_accum_steps
-    out = []
-    for epoch in range(cfg.train.epochs):
-        sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch)]
-        local = [sum(sizes[i:i + gas]) for i in range(0, len(sizes) // gas * gas, gas)]
-        n = torch.tensor([len(local)])
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        pairs = torch.tensor(local[:int(n)] or [0], dtype=torch.long)
-        dist.all_reduce(pairs)
-        out.append(pairs.tolist()[:int(n)])
-    return out
-
-
-def budget_plan(plan: dict, schedule: list, cfg: RunConfig, rank: int) -> dict:
-    """The driver's estimate replaced by the counted steps."""
-    t = cfg.train
-    total = sum(len(s) for s in schedule)
-    if t.max_steps:
-        total = min(total, t.max_steps)
-    if total == 0:
-        raise ValueError(f"data.token_budget={cfg.data.token_budget}: not one optimizer step of "
-                         f"{t.grad_accum_steps} micro-batches fits in an epoch on every rank; "
-                         "lower train.total_batch_size or add data")
-    used = sum(schedule[0])
-    if rank == 0:
-        print(f"[simpo-ray] token budget {cfg.data.token_budget}: {len(schedule[0])} steps in epoch 0 "
-              f"(about {used / max(len(schedule[0]), 1):.1f} pairs per step), {total} steps in all", flush=True)
-    data_metrics = dict(plan["data_metrics"], **{"data/unused_pairs_per_epoch": plan["stats"]["train_pairs"] - used})
-    return dict(plan, total_steps=total, steps_per_epoch=len(schedule[0]), data_metrics=data_metrics)
-
-
-def budget_loss_scale(pairs: int, world: int, grad_accum: int, step_pairs: int) -> float:
-    """Factor turning a micro-batch's mean loss into its share of the mean over the
-    step's ``step_pairs`` pairs on all ranks. DeepSpeed divides by ``grad_accum`` and
-    averages over ``world`` ranks, hence the two factors back."""
-    return pairs * world * grad_accum / max(step_pairs, 1)
-
-
-def micro_batches_per_epoch(schedule, plan: dict, t) -> list:
-    """Micro-batches every rank runs in each epoch: the counted steps (token budget)
-    or the plan's fixed steps, times the accumulation."""
-    steps = [len(s) for s in schedule] if schedule else [plan["steps_per_epoch"]] * t.epochs
-    return [n * t.grad_accum_steps for n in steps]
-
-
-def step_pairs(epoch_schedule: list, micro: int, grad_accum: int) -> int:
-    """Global pairs of the step that micro-batch ``micro`` (1-based) belongs to. A
-    dropped non-finite micro-batch shifts the window; the last step's count serves."""
-    return epoch_schedule[min((micro - 1) // grad_accum, len(epoch_schedule) - 1)]
-
-
-def iter_train(shard, cfg: RunConfig, epoch: int):
-    """This rank's micro-batches for one epoch, in a seeded order a resume reproduces."""
-    from simpo_ray.data import shuffle_args
-
-    mb = cfg.train.micro_batch_size
-    return shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
-                              **shuffle_args(cfg.data, epoch, mb))
-
-
-def forward_batch(engine, batch: dict, cfg: RunConfig, plan: dict):
+def forward_batch(engine, batch: dict, cfg: RunConfig, pad_id: int):
     """One forward of chosen+rejected -> (loss, metric sums, non-pad tokens)."""
     import torch
 
     from simpo_ray.objective import objective
 
-    b, extra = collate(batch, cfg, plan)
+    b, extra = collate(batch, cfg, pad_id)
     b = {k: v.to(engine.device) for k, v in b.items()}
     extra = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in extra.items()}
     sums, counts = engine(b["input_ids"], b.get("attention_mask"), b["labels"],
@@ -269,22 +234,24 @@ def forward_batch(engine, batch: dict, cfg: RunConfig, plan: dict):
     return loss, pair_sums, int(real.sum())
 
 
-def collate(batch: dict, cfg: RunConfig, plan: dict):
-    """Numpy batch -> (tensors, extra model kwargs): padded, or packed (``data.packing``)."""
+def collate(batch: dict, cfg: RunConfig, pad_id: int):
+    """Numpy batch -> (tensors, extra model kwargs): padded, or packed (``data.packing``).
+    A ``chosen``-rows loss (sft) trains the chosen rows only, trimmed to their longest."""
     from simpo_ray import collate as C
 
-    if cfg.data.packing and cfg.simpo.loss != "sft":
-        return C.packed_model_inputs(batch, plan["pad_id"], cfg.data.pack_row_tokens,
+    chosen_only = LOSSES[cfg.simpo.loss].rows == "chosen"
+    if cfg.data.packing and not chosen_only:
+        return C.packed_model_inputs(batch, pad_id, cfg.data.pack_row_tokens,
                                      flash=cfg.model.attn_implementation == "flash_attention_2")
-    b = C.collate_numpy_batch(batch, plan["pad_id"], pad_to_multiple_of=8)
-    if cfg.simpo.loss == "sft":  # chosen rows only, trimmed to their own longest
+    b = C.collate_numpy_batch(batch, pad_id, pad_to_multiple_of=8)
+    if chosen_only:
         n = len(batch["prompt_ids"])
         width = int(b["attention_mask"][:n].sum(1).max())
         b = {k: v[:n, : -(-width // 8) * 8] for k, v in b.items()}
     return b, {}
 
 
-def evaluate(engine, shard, cfg: RunConfig, plan: dict) -> dict:
+def evaluate(engine, shard, cfg: RunConfig, pad_id: int) -> dict:
     """Held-out pairs, no grad. Same keys as training under ``eval/``."""
     import torch
 
@@ -292,56 +259,92 @@ def evaluate(engine, shard, cfg: RunConfig, plan: dict) -> dict:
     engine.eval()
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
-            metrics.add_sums(sums, forward_batch(engine, batch, cfg, plan)[1])
+            metrics.add_sums(sums, forward_batch(engine, batch, cfg, pad_id)[1])
     engine.train()
     return metrics.to_metrics(metrics.all_reduce_sums(sums), prefix="eval/")
 
 
-def collapse_alarm(report: dict, state: dict, threshold, rank: int = 0) -> None:
+def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, window, eval_shard, *,
+                 epoch: int | None = None, rank_micro: int | None = None):
+    """The one place a report is made -> (report, state with the alarm's memory).
+
+    ``window`` None: the step-0 baseline (held-out metrics only). Otherwise the global
+    training metrics since the last report, held-out metrics when ``eval_shard`` is
+    given, the margin in effect, the data's constant counts and the step accounting.
+    Collective (all-reduces): every rank calls it."""
+    import torch.distributed as dist
+
+    report = {"step": state.step}
+    if window is not None:
+        sums = dict(window.sums, tokens=float(window.tokens))
+        total = metrics.all_reduce_sums(sums)
+        grad_norm = engine.get_global_grad_norm()
+        seconds = max(time.perf_counter() - window.started, 1e-9)
+        report.update(metrics.to_metrics(total), epoch=epoch, lr=float(engine.get_lr()[0]),
+                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                      # Every rank ran for about the same wall time, so global tokens / seconds.
+                      tokens_per_s=total["tokens"] / seconds,
+                      step_time_s=seconds / max(state.step - window.first_step, 1), **memory_metrics())
+        report.update(plan.data_metrics, total_steps=plan.total_steps,
+                      skipped_micro_batches=state.skipped_micro_batches, skipped_steps=int(engine.skipped_steps))
+        if rank_micro is not None:
+            report["rank_micro_batches"] = rank_micro
+    if eval_shard is not None:
+        report.update(evaluate(engine, eval_shard, cfg, plan.pad_id))
+    report.update(gamma=cfg.simpo.resolved_gamma, gamma_beta_ratio=cfg.simpo.resolved_gamma_beta_ratio)
+    state = collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, dist.get_rank())
+    return report, state
+
+
+def memory_metrics() -> dict:
+    """The largest worker's memory, MiB: resident now (``sys/rss_mb``, to see a leak),
+    its peak, the peak above what the process held before the model, and on GPUs the
+    allocator's peak. Collective."""
+    import resource
+
+    import torch
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out = {"sys/rss_mb": metrics.max_over_ranks(metrics.rss_mb()), "sys/peak_rss_mb": metrics.max_over_ranks(peak),
+           "sys/model_rss_mb": metrics.max_over_ranks(peak - _RSS_START_MB)}
+    if torch.cuda.is_available():
+        out["sys/gpu_peak_mb"] = metrics.max_over_ranks(torch.cuda.max_memory_allocated() / 2**20)
+    return out
+
+
+def collapse_alarm(report: dict, state: TrainState, threshold, rank: int = 0) -> TrainState:
     """Flag (and print once) when the average chosen log-prob per token has fallen more
     than ``threshold`` below its first value: likelihood collapse. Held-out numbers
     are preferred when present. The first value is kept in the checkpoint state."""
     key = "eval/logps/chosen" if "eval/logps/chosen" in report else "logps/chosen"
     if threshold is None or key not in report:
-        return
-    start = state.setdefault("chosen_logp_start", {}).setdefault(key, report[key])
+        return state
+    starts = dict(state.chosen_logp_start)
+    start = starts.setdefault(key, report[key])
+    state = state.replace(chosen_logp_start=starts)
     drop = start - report[key]
     report["alarm/chosen_logp_drop"] = drop
     report["alarm/chosen_logp_collapse"] = bool(drop > threshold)
-    if drop > threshold and not state.get("alarm_printed"):
-        state["alarm_printed"] = True
-        if rank:
-            return
-        print(f"[simpo-ray] WARNING: {key} fell {drop:.2f} nats/token from {start:.2f} to {report[key]:.2f} "
-              f"(simpo.chosen_logp_alarm={threshold}): likelihood collapse; consider a lower lr or "
-              "a larger gamma_beta_ratio / an sft_weight", flush=True)
+    if drop > threshold and not state.alarm_printed:
+        state = state.replace(alarm_printed=True)
+        if rank == 0:
+            print(f"[simpo-ray] WARNING: {key} fell {drop:.2f} nats/token from {start:.2f} to {report[key]:.2f} "
+                  f"(simpo.chosen_logp_alarm={threshold}): likelihood collapse; consider a lower lr or "
+                  "a larger gamma_beta_ratio / an sft_weight", flush=True)
+    return state
 
 
-def step_report(engine, sums: dict, tokens: int, seconds: float, step: int, epoch: int) -> dict:
-    """Global training metrics since the last report (all-reduced over ranks)."""
-    sums = dict(sums, tokens=float(tokens))
-    total = metrics.all_reduce_sums(sums)
-    out = metrics.to_metrics(total)
-    grad_norm = engine.get_global_grad_norm()
-    out.update({
-        "step": step, "epoch": epoch, "lr": float(engine.get_lr()[0]),
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        # Every rank ran for about the same wall time, so global tokens / seconds.
-        "tokens_per_s": total["tokens"] / max(seconds, 1e-9),
-        "sys/rss_mb": metrics.max_over_ranks(metrics.rss_mb()),  # the largest worker's, for leaks
-    })
-    return out
-
-
-def report_and_checkpoint(engine, report: dict, state: dict | None) -> None:
+def report_and_checkpoint(engine, report: dict, state: TrainState | None) -> None:
     """Every rank reports (a barrier); with ``state`` every rank also saves its shard."""
     import ray.train
 
     if state is None:
         ray.train.report(report)
         return
-    ckpt, tmp = checkpoint.save(engine, state)
+    started = time.perf_counter()
+    ckpt, tmp = checkpoint.save(engine, state.to_dict())
+    report = dict(report, **{"sys/checkpoint_save_s": time.perf_counter() - started})
     try:
-        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state['step']:06d}")
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state.step:06d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -79,7 +79,8 @@ def test_chunked_head_equals_plain_logits_in_values_and_gradients(tiny_lm):
         outs.append((sums.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     for n, g in outs[0][1].items():
-        torch.testing.assert_close(g, outs[1][1][n], rtol=1e-5, atol=1e-7, msg=n)
+        # fp32 sums in another order: 7.7e-7 seen on gradients of magnitude 2 (AMD EPYC)
+        torch.testing.assert_close(g, outs[1][1][n], rtol=1e-5, atol=1e-6, msg=n)
     # the patched head is still an ordinary Linear without labels (generation path)
     h = torch.randn(1, 2, tiny_lm.config.hidden_size)
     head = chunked.lm.get_output_embeddings()

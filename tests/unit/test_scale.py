@@ -59,11 +59,11 @@ def _prod(shape):
     return p
 
 
-def _ranks(seconds, tokens=1000, workers=2, rss=2**30):
-    return [{"steps": [{"seconds": 9.0, "tokens": tokens, "seqs": 8}] +
-             [{"seconds": s, "tokens": tokens, "seqs": 8} for s in seconds],
-             "peak_rss": rss, "rss_before_model": rss // 2, "peak_gpu": 0, "checkpoint_bytes": 2**20,
-             "checkpoint_save_s": 0.1, "params": 1000} for _ in range(workers)]
+def _reports(seconds, tokens=1000, workers=2, rss_mb=1024):
+    """Step reports as the workers write them (global tokens/s, pairs; the largest worker's memory)."""
+    return [{"step": i + 1, "step_time_s": s, "tokens_per_s": tokens * workers / s, "pairs": 4 * workers,
+             "sys/peak_rss_mb": rss_mb, "sys/model_rss_mb": rss_mb // 2, "sys/checkpoint_save_s": 0.1}
+            for i, s in enumerate([9.0] + seconds)]
 
 
 def test_summary_skips_the_warm_up_step_and_takes_the_median():
@@ -71,7 +71,9 @@ def test_summary_skips_the_warm_up_step_and_takes_the_median():
 
     cfg = RunConfig.from_yaml(os.path.join(REPO, "examples", "tiny_cpu.yaml"))
     shape = tiny_shape(dataclasses.asdict(TinyModelConfig()))
-    row = summarize("xs", scaled_dims(64, 2), shape, _ranks([1.0, 3.0, 2.0]), cfg, peak_tflops=1.0)
+    assert cfg.train.num_workers == 2
+    row = summarize("xs", scaled_dims(64, 2), shape, _reports([1.0, 3.0, 2.0]), cfg, peak_tflops=1.0,
+                    checkpoint_bytes=2 * 2**20)
     assert row["steps_timed"] == 3 and row["step_time_s"] == 2.0
     assert row["tokens_per_s_per_worker"] == 500.0 and row["mean_seq_len"] == 125.0
     assert row["flops_per_token"] == int(shape.flops_per_token(125))

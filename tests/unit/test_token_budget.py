@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from simpo_ray.config import RunConfig
-from simpo_ray.worker import budget_loss_scale, iter_micro
+from simpo_ray.budget import iter_micro
+from simpo_ray.budget import loss_scale as budget_loss_scale
 
 
 def _batches(lengths, per_batch):
