@@ -8,13 +8,22 @@ import sys
 from simpo_ray.config import ConfigError, RunConfig
 
 
+def _load(args) -> RunConfig:
+    """CONFIG + overrides (+ what the command and --address imply), validated; printed
+    resolved for the commands that run something."""
+    overrides = list(args.overrides) + (["simpo.loss=sft"] if args.command == "sft" else [])
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    if getattr(args, "rounds", None) is not None:
+        overrides.append(f"generate.rounds={args.rounds}")
+    cfg = RunConfig.from_yaml(args.config, overrides)
+    if hasattr(args, "dry_run"):
+        print("[simpo-ray] resolved config:\n" + cfg.to_yaml(), flush=True)
+    return cfg
+
+
 def _train(args) -> int:
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
-    if args.command == "sft":
-        cfg.simpo.loss = "sft"
-    if args.address:
-        cfg.ray.address = args.address
-    print("[simpo-ray] resolved config:\n" + cfg.to_yaml(), flush=True)
+    cfg = _load(args)
     if args.dry_run:
         return 0
     from simpo_ray.train import train
@@ -34,7 +43,7 @@ def _train(args) -> int:
 def _tune(args) -> int:
     from simpo_ray.sweep_spec import describe, load_spec
 
-    spec = load_spec(args.sweep, args.overrides)
+    spec = load_spec(args.config, args.overrides)
     print("[simpo-ray] resolved sweep:\n" + describe(spec), flush=True)
     if args.dry_run:
         return 0
@@ -60,7 +69,7 @@ def _data(args) -> int:
     from simpo_ray.data import DataError
     from simpo_ray.inspect_data import run
 
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = _load(args)
     try:
         return run(cfg, histogram=args.histogram, as_json=args.json)
     except DataError as e:
@@ -69,13 +78,7 @@ def _data(args) -> int:
 
 
 def _generate(args) -> int:
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
-    if args.address:
-        cfg.ray.address = args.address
-    if args.command == "iterate" and args.rounds is not None:
-        cfg.generate.rounds = args.rounds
-        cfg.validate()
-    print("[simpo-ray] resolved config:\n" + cfg.to_yaml(), flush=True)
+    cfg = _load(args)
     if args.dry_run:
         return 0
     from simpo_ray import onpolicy
@@ -95,9 +98,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _config_parent(config_help: str, overrides_help: str, address: bool = True, dry_run: bool = True):
+    """The arguments every config-driven command shares: CONFIG, key=value overrides,
+    --address, --dry-run (one definition, so they read and behave the same everywhere)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("config", help=config_help)
+    parent.add_argument("overrides", nargs="*", help=overrides_help)
+    if address:
+        parent.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    if dry_run:
+        parent.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    return parent
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="simpo-ray", description="Ray-distributed SimPO trainer.")
     sub = p.add_subparsers(dest="command", required=True)
+    run = _config_parent("YAML config (see examples/)", "key.sub=value, e.g. optim.lr=1e-6")
     runs = {
         "train": ("train with SimPO on Ray Train + DeepSpeed",
                   "Train from a YAML config; key.sub=value overrides follow it. "
@@ -108,21 +125,14 @@ def main(argv=None) -> int:
                 "(simpo.loss is set to sft)."),
     }
     for name, (help_text, description) in runs.items():
-        t = sub.add_parser(name, help=help_text, description=description)
-        t.add_argument("config", help="YAML config (see examples/)")
-        t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=1e-6")
-        t.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
-        t.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-        t.set_defaults(fn=_train)
+        sub.add_parser(name, help=help_text, description=description, parents=[run]).set_defaults(fn=_train)
     s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (ASHA) over training runs",
                        description="Run the sweep file (see tune/); key=value overrides set sweep fields "
                                    "(num_samples=4, scheduler.grace_period=2, search_space.optim.lr=...) or, "
                                    "for any other key, the base training config (train.max_steps=8). "
-                                   "Rerunning the same command resumes an interrupted sweep.")
-    s.add_argument("sweep", help="sweep YAML (see tune/)")
-    s.add_argument("overrides", nargs="*", help="key=value, e.g. num_samples=4 train.max_steps=8")
-    s.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
-    s.add_argument("--dry-run", action="store_true", help="print the resolved sweep and stop")
+                                   "Rerunning the same command resumes an interrupted sweep.",
+                       parents=[_config_parent("sweep YAML (see tune/)",
+                                               "key=value, e.g. num_samples=4 train.max_steps=8")])
     s.set_defaults(fn=_tune)
     from simpo_ray import planner, scale
 
@@ -130,13 +140,17 @@ def main(argv=None) -> int:
                         description="Estimate per-GPU memory (parameters, gradients, optimizer states, "
                                     "activations, logits head) and host RAM per node (ZeRO-3 loading, offload) "
                                     "for CONFIG on NODES x GPUS; exit 0 if it fits, 1 if not (with the smallest "
-                                    "change that fits). Offline: no weights are read.")
+                                    "change that fits). Offline: no weights are read.",
+                        parents=[_config_parent("YAML config (see examples/)", "key.sub=value overrides",
+                                                address=False, dry_run=False)])
     planner.add_arguments(pl)
     pl.set_defaults(fn=_plan)
     sc = sub.add_parser("scale", help="the same short training for a ladder of model sizes; CSV + log-log PNG",
                         description="Train CONFIG's architecture at each of --sizes for a few steps and record "
                                     "parameters, tokens/s and step time per worker, peak memory, MFU and "
-                                    "checkpoint size.")
+                                    "checkpoint size.",
+                        parents=[_config_parent("YAML config whose architecture and training settings are scaled",
+                                                "key.sub=value, e.g. train.micro_batch_size=2", dry_run=False)])
     scale.add_arguments(sc)
     sc.set_defaults(fn=_scale)
     dp = sub.add_parser("data", help="inspect the training data of a config",
@@ -145,12 +159,14 @@ def main(argv=None) -> int:
                                     "exit 1 when a strict run would stop on malformed rows.")
     dsub = dp.add_subparsers(dest="data_command", required=True)
     di = dsub.add_parser("inspect", help="counts per reason, length percentiles, histogram PNG",
-                         description="Scan the config's train/eval data with the training tokenizer and rules.")
-    di.add_argument("config", help="YAML config (see examples/)")
-    di.add_argument("overrides", nargs="*", help="key.sub=value, e.g. data.strict=false")
+                         description="Scan the config's train/eval data with the training tokenizer and rules.",
+                         parents=[_config_parent("YAML config (see examples/)", "key.sub=value, e.g. data.strict=false",
+                                                 address=False, dry_run=False)])
     di.add_argument("--histogram", help="PNG path (default: the run folder's data_lengths.png)")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.set_defaults(fn=_data)
+    onpolicy = _config_parent("YAML config with a generate section (see examples/onpolicy_*.yaml)",
+                              "key.sub=value, e.g. generate.num_samples=4")
     for name, help_text, description in (
             ("generate", "on-policy pairs: N samples per prompt, reward-scored, best/worst (vLLM actors)",
              "Sample generate.num_samples responses per prompt from model.name_or_path (generate.backend: vllm "
@@ -161,13 +177,9 @@ def main(argv=None) -> int:
              "Round k samples from the current policy, pairs, trains SimPO from it on the new pairs and "
              "exports; the next round samples from that export. Each round's data, metrics and checkpoints "
              "are kept under the run folder; rerunning resumes at the first unfinished round.")):
-        gp = sub.add_parser(name, help=help_text, description=description)
-        gp.add_argument("config", help="YAML config with a generate section (see examples/onpolicy_*.yaml)")
-        gp.add_argument("overrides", nargs="*", help="key.sub=value, e.g. generate.num_samples=4")
+        gp = sub.add_parser(name, help=help_text, description=description, parents=[onpolicy])
         if name == "iterate":
             gp.add_argument("--rounds", type=int, help="number of rounds (default: generate.rounds)")
-        gp.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
-        gp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
         gp.set_defaults(fn=_generate)
     args = p.parse_args(argv)
     from simpo_ray.sources import DataError

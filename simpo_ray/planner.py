@@ -388,8 +388,6 @@ def run_plan(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="YAML config (see examples/)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.micro_batch_size=1")
     parser.add_argument("--nodes", type=int, help="nodes (default: ray.nodes in the config, else 1)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: ray.gpus_per_node, else 8)")
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80: H100)")

@@ -351,8 +351,6 @@ def run_scale_cli(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="YAML config whose architecture and training settings are scaled")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.micro_batch_size=2")
     parser.add_argument("--sizes", default="xs,s,m",
                         help=f"comma-separated HIDDENxLAYERS or presets ({', '.join(PRESETS)}); default xs,s,m")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per size, the first untimed (default 4)")
@@ -361,4 +359,3 @@ def add_arguments(parser) -> None:
                                               "one CPU worker's fp32 GEMM rate (default: H100 bf16 on GPU, none on CPU)")
     parser.add_argument("--tolerance", type=float, default=SLOPE_TOLERANCE,
                         help="flag a cost whose log-log slope against parameters exceeds 1 + this (default 0.25)")
-    parser.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local one)")
