@@ -87,7 +87,7 @@ class Step:
         """forward_batch with a reference forward in place of the precomputed columns."""
         import torch
 
-        from simpo_ray.objective import objective
+        from simpo_ray.objective import step_loss
         from simpo_ray.worker import collate
 
         b, extra = collate(batch, self.cfg, self.pad_id)
@@ -95,7 +95,7 @@ class Step:
         with torch.no_grad():
             ref_sums, _ = self.ref(*args, sequence_index=b.get("sequence_index"), **extra)
         sums, counts = self.policy(*args, sequence_index=b.get("sequence_index"), **extra)
-        return objective(self.cfg.simpo, sums, counts, ref_sums)[0]
+        return step_loss(self.cfg.simpo, sums, counts, ref_sums)[0]
 
     def optimizer_step(self) -> float:
         import torch

@@ -70,7 +70,7 @@ def pair_losses(s, sums, counts, ref_sums=None):
     return (*out, avg)
 
 
-def objective(s, sums, counts, ref_sums=None):
+def step_loss(s, sums, counts, ref_sums=None):
     """Scalar loss to backpropagate (mean over pairs + sft_weight x NLL of chosen) and
     the metric sums for ``simpo_ray.metrics``. For a ``chosen``-rows loss (sft) the rows
     are chosen responses only and the loss is their mean per-token NLL."""

@@ -218,7 +218,7 @@ def forward_batch(engine, batch: dict, cfg: RunConfig, pad_id: int):
     """One forward of chosen+rejected -> (loss, metric sums, non-pad tokens)."""
     import torch
 
-    from simpo_ray.objective import objective
+    from simpo_ray.objective import step_loss
 
     b, extra = collate(batch, cfg, pad_id)
     b = {k: v.to(engine.device) for k, v in b.items()}
@@ -229,7 +229,7 @@ def forward_batch(engine, batch: dict, cfg: RunConfig, pad_id: int):
     if "ref_chosen_logps" in batch:  # precomputed once by the reference pass
         ref = torch.as_tensor(list(batch["ref_chosen_logps"]) + list(batch["ref_rejected_logps"]),
                               dtype=sums.dtype, device=sums.device)
-    loss, pair_sums = objective(cfg.simpo, sums, counts, ref)
+    loss, pair_sums = step_loss(cfg.simpo, sums, counts, ref)
     real = b["attention_mask"] if "attention_mask" in b else b["sequence_index"] >= 0
     return loss, pair_sums, int(real.sum())
 

@@ -10,7 +10,7 @@ import torch
 from simpo_ray.collate import collate_pairs
 from simpo_ray.config import SimPOConfig, TinyModelConfig
 from simpo_ray.metrics import to_metrics
-from simpo_ray.objective import NEEDS_REFERENCE, objective, pair_losses
+from simpo_ray.objective import NEEDS_REFERENCE, pair_losses, step_loss
 from simpo_ray.policy import PolicyLogps, supports_chunked_head
 from simpo_ray.tiny import build_model
 
@@ -30,7 +30,7 @@ def test_simpo_objective_matches_the_papers_equation():
     s = SimPOConfig(beta=2.5, gamma_beta_ratio=0.4)
     sums = torch.tensor([-6.0, -3.0, -20.0, -4.0])  # chosen: 2 rows, rejected: 2 rows
     counts = torch.tensor([3, 2, 5, 2])
-    loss, m = objective(s, sums, counts)
+    loss, m = step_loss(s, sums, counts)
     m = to_metrics(m)
     c = np.array([-6 / 3, -3 / 2]); r = np.array([-20 / 5, -4 / 2])
     z = 2.5 * c / 1 - 2.5 * r - 2.5 * 0.4  # beta/|y| log pi(y) = beta * average
@@ -45,7 +45,7 @@ def test_dpo_likelihood_ranking_is_the_average_logprob_order():
     s = SimPOConfig(loss="dpo", beta=0.1)
     sums = torch.tensor([-30.0, -5.0])      # chosen 30 tokens (avg -1.0), rejected 2 tokens (avg -2.5)
     ref = torch.tensor([-29.0, -4.0])       # both moved down by 1: reward margin 0
-    _, m = objective(s, sums, torch.tensor([30, 2]), ref)
+    _, m = step_loss(s, sums, torch.tensor([30, 2]), ref)
     m = to_metrics(m)
     assert m["logps/accuracies"] == 1.0 and m["rewards/accuracies"] == 0.0
 
@@ -55,7 +55,7 @@ def test_every_loss_is_finite_and_backpropagates(loss):
     s = SimPOConfig(loss=loss, beta=0.5, rdpo_alpha=0.1, sft_weight=0.5)
     sums = torch.tensor([-8.0, -3.0, -9.0, -7.0], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([-8.5, -3.1, -8.0, -6.0], dtype=torch.float64)
-    loss_v, m = objective(s, sums, torch.tensor([4, 3, 5, 2]), ref)
+    loss_v, m = step_loss(s, sums, torch.tensor([4, 3, 5, 2]), ref)
     loss_v.backward()
     assert math.isfinite(float(loss_v.detach())) and torch.isfinite(sums.grad).all()
     assert sums.grad[:2].lt(0).all() or loss in ("ipo",)  # raising chosen lowers the loss
@@ -108,7 +108,7 @@ def test_reference_actor_gives_zero_log_ratio_at_start(tiny_path):
     np.testing.assert_allclose(out["ref_chosen_logps"], sums[:2].detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(out["ref_rejected_logps"], sums[2:].detach().numpy(), rtol=1e-6)
     s = SimPOConfig(loss="dpo", beta=0.1)
-    _, m = objective(s, sums.detach(), torch.tensor([1, 2, 2, 1]),
+    _, m = step_loss(s, sums.detach(), torch.tensor([1, 2, 2, 1]),
                      torch.tensor(np.concatenate([out["ref_chosen_logps"], out["ref_rejected_logps"]])))
     m = to_metrics(m)
     assert abs(m["rewards/margins"]) < 1e-6
