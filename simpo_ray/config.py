@@ -85,7 +85,28 @@ def load_yaml(path: Union[str, Path], what: str = "config") -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("<file>", f"{path} must hold a mapping at the top level")
+    _check_expanded_size(data, path)
     return data
+
+
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_expanded_size(data, path) -> None:
+    """YAML aliases share one object; copying the config expands them. An alias bomb
+    (a few keys nested a few levels, each a reference to the one before) would expand
+    to billions of nodes and hang the run: count the expanded nodes, stop at a cap."""
+    seen, todo = 0, [data]
+    while todo:
+        node = todo.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ConfigError("<file>", f"{path} expands to more than {MAX_CONFIG_NODES} values "
+                                        "(YAML aliases nested in aliases?); write the values out")
+        if isinstance(node, dict):
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
