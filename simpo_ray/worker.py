@@ -51,7 +51,8 @@ def train_loop_per_worker(config: dict) -> None:
                                      epoch=epoch, rank_micro=rank_micro)
         save = state.step % t.checkpoint_every == 0 or last or stop
         report_and_checkpoint(engine, report, state if save else None)
-        window, reported = Window(state.step), state.step
+        window.reset(state.step)
+        reported = state.step
         if last or stop:
             break
     if state.step > reported:  # dropped micro-batches ended the data before the last planned step
@@ -102,6 +103,10 @@ class Window:
     """What the steps since the last report add up: metric sums, tokens, wall time."""
 
     def __init__(self, step: int = 0):
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        """Start a new window after a report (in place: the step loop holds this object)."""
         self.sums, self.tokens, self.started, self.first_step = {}, 0, time.perf_counter(), step
 
     def add(self, pair_sums: dict, tokens: int) -> None:
