@@ -123,22 +123,22 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def set_dotted(data: dict, key: str, value: Any) -> dict:
     """A copy of ``data`` with the dotted ``key`` set to ``value`` (sections made as needed)."""
-    out = copy.deepcopy(data)
-    node, parts = out, key.split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(key, f"'{p}' is not a section")
-        node = nxt
-    node[parts[-1]] = copy.deepcopy(value)
-    return out
+    return merged(data, {key: value})
 
 
 def merged(data: dict, values: dict) -> dict:
-    """A copy of a config dict with dotted keys set to (already parsed) values."""
+    """A copy of a config dict with dotted keys set to (already parsed) values: one deep
+    copy, then every key set in place."""
+    out = copy.deepcopy(data)
     for key, value in values.items():
-        data = set_dotted(data, key, value)
-    return copy.deepcopy(data)
+        node, parts = out, key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(key, f"'{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(data: dict, overrides: list) -> dict:

@@ -283,7 +283,7 @@ def shuffle_args(data_cfg, epoch: int, batch_size: int) -> dict:
 def ingest_config():
     """A ``ray.train.DataConfig`` whose split to workers is deterministic even across
     nodes: ``preserve_order`` also makes Ray ignore locality hints (which depend on
-    where blocks happen to live). Pass as ``TorchTrainer(dataset_config=...)``."""
+    where blocks happen to live). Pass as the trainer's ``dataset_config``."""
     import ray.train
 
     opts = ray.train.DataConfig.default_ingest_options()
