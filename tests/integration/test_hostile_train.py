@@ -15,7 +15,8 @@ import pytest
 from simpo_ray.data import DataError
 from tests.conftest import REPO
 from tests.integration.test_train import _cfg, _lines
-from tests.unit.test_hostile import EXPECTED, ROWS, _sharded_copy
+from tests.unit.test_hostile import EXPECTED, ROWS
+from tests.unit.test_model_folder import _sharded_copy
 
 pytestmark = pytest.mark.slow
 
