@@ -68,11 +68,12 @@ class Tokenize:
     """map_batches UDF (an actor: the tokenizer loads once). Raw rows -> triplets."""
 
     COLUMNS = ("source", "row", "error", "reason", "split", "group", "resp_len",
-               "prompt_ids", "chosen_ids", "rejected_ids", "truncated")
+               "prompt_ids", "chosen_ids", "rejected_ids", "truncated", "notes")
 
     def __init__(self, name_or_path: str, tiny_spec: dict, max_length: int,
                  max_prompt_length: int, seed: int, eval_fraction: float,
-                 column_map: dict | None = None):
+                 column_map: dict | None = None, add_bos: str = "auto",
+                 allow_special_tokens_in_text: bool = False):
         from transformers import AutoTokenizer
 
         from simpo_ray.models import resolve_model_path
@@ -80,7 +81,8 @@ class Tokenize:
         path = resolve_model_path(name_or_path, tiny_spec)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                           column_map=column_map or None, vocab_size=model_vocab_size(path))
+                           column_map=column_map or None, vocab_size=model_vocab_size(path),
+                           add_bos=add_bos, allow_special_tokens_in_text=allow_special_tokens_in_text)
         self.seed, self.eval_fraction = seed, eval_fraction
 
     def __call__(self, batch: dict) -> dict:
@@ -105,6 +107,7 @@ class Tokenize:
                 out[k].append(trip[k] if trip else [])
             out["resp_len"].append(len(trip["chosen_ids"]) + len(trip["rejected_ids"]) if trip else 0)
             out["truncated"].append(bool(trip and trip["truncated"]))
+            out["notes"].append(",".join(trip["notes"]) if trip else "")
         return out
 
 
@@ -184,7 +187,8 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
                                 name_or_path=cfg.model.name_or_path,
                                 tiny_spec=dataclasses.asdict(cfg.model.tiny), max_length=d.max_length,
                                 max_prompt_length=d.max_prompt_length, seed=d.seed,
-                                eval_fraction=frac, column_map=dict(d.column_map)))
+                                eval_fraction=frac, column_map=dict(d.column_map), add_bos=d.add_bos,
+                                allow_special_tokens_in_text=d.allow_special_tokens_in_text))
         return ds.materialize()
 
     tokenized = pipeline(files, fraction)
@@ -209,6 +213,8 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     train = good.filter(expr=col("split") == "train")
     n_train = train.count()
     n_trunc = int(train.sum("truncated") or 0) if n_train else 0
+    notes = Counter(n for r in good.filter(expr=col("notes") != "").select_columns(["notes"]).take_all()
+                    for n in r["notes"].split(","))
     if n_train == 0:
         raise DataError(f"no training pairs left from {', '.join(files)}")
     if d.shuffle:  # once, seeded; per-epoch order comes from shuffle_args() in the worker
@@ -224,11 +230,12 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     n_eval = eval_ds.count() if eval_ds is not None else 0
     settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                 "seed": d.seed, "eval_fraction": fraction, "tokenizer": _tokenizer_hash(tokenizer_path),
-                "column_map": dict(sorted(d.column_map.items())), "eval_stratify": d.eval_stratify}
+                "column_map": dict(sorted(d.column_map.items())), "eval_stratify": d.eval_stratify,
+                "add_bos": d.add_bos, "allow_special_tokens_in_text": d.allow_special_tokens_in_text}
     return {
         "train": train, "eval": eval_ds if n_eval else None,
         "stats": {"train_pairs": n_train, "eval_pairs": n_eval, "dropped": dropped,
-                  "dropped_total": sum(dropped.values()), "truncated_pairs": n_trunc,
+                  "dropped_total": sum(dropped.values()), "truncated_pairs": n_trunc, "token_notes": dict(notes),
                   "split": split_rule, "files": files + eval_files,
                   **({"mean_pair_tokens": mean_pair_tokens} if mean_pair_tokens else {}),
                   "fingerprint": fingerprint(files + eval_files, settings)},

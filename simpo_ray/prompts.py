@@ -1,7 +1,7 @@
 """The prompt pipeline of on-policy generation: raw rows -> prompt turns -> prompt ids.
 
 Prompts are read with Ray Data (file order kept), rendered and tokenized exactly as
-training renders them (``rows.render``), keyed by a prompt id (the row's ``prompt_id``
+training renders them (``tokens.Streams``), keyed by a prompt id (the row's ``prompt_id``
 column, else a hash of the turns) and deduplicated by it. Every sample's seed is a pure
 function of (seed, round, prompt id, sample index): results do not depend on which actor
 served a prompt or in which order.
@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from simpo_ray.rows import BAD_CONVERSATION, EMPTY, MISSING, WRONG_TYPE, _messages, prompt_group, render
+from simpo_ray.rows import BAD_CONVERSATION, EMPTY, MISSING, WRONG_TYPE, _messages, prompt_group
+from simpo_ray.tokens import streams_for
 from simpo_ray.sources import RowError, expand_files
 
 PROMPT_COLUMNS = ("source", "row", "error", "reason", "prompt_id", "prompt", "prompt_ids")
@@ -52,22 +53,27 @@ def prompt_id_of(row: dict, turns: list[dict]) -> str:
     return str(pid) if pid not in (None, "") else prompt_group(turns)
 
 
-def encode_prompt(tokenizer, turns: list[dict], max_prompt_length: int) -> list[int]:
-    """Prompt ids exactly as training renders them (``rows.render``: chat template with
-    the generation prompt, BOS once), keeping the end of long prompts."""
-    text, _ = render(tokenizer, turns, "")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_prompt_length:]
+def encode_prompt(tokenizer, turns: list[dict], max_prompt_length: int, add_bos: str = "auto",
+                  allow_special_tokens_in_text: bool = False) -> list[int]:
+    """Prompt ids exactly as training sees them (``tokens.Streams``: the chat template
+    with the generation prompt, the BOS policy, special-token text as text), keeping
+    the end of long prompts as training does."""
+    st = streams_for(tokenizer, add_bos, allow_special_tokens_in_text)
+    cap = st.char_cap(max_prompt_length)
+    turns = [dict(m, content=m["content"][-cap:]) if len(m["content"]) > cap else m for m in turns]
+    return st.truncate_prompt(st.prompt_ids(turns), max_prompt_length)
 
 
 class PromptTokenize:
     """map_batches UDF (an actor: the tokenizer loads once). Raw rows -> prompts."""
 
-    def __init__(self, tokenizer_path: str, max_prompt_length: int, column_map: dict | None = None):
+    def __init__(self, tokenizer_path: str, max_prompt_length: int, column_map: dict | None = None,
+                 add_bos: str = "auto", allow_special_tokens_in_text: bool = False):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
         self.max_prompt_length, self.column_map = max_prompt_length, column_map or None
+        self.policy = (add_bos, allow_special_tokens_in_text)
 
     def __call__(self, batch: dict) -> dict:
         out: dict = {k: [] for k in PROMPT_COLUMNS}
@@ -78,7 +84,8 @@ class PromptTokenize:
                 try:
                     row = json.loads(raw)
                     turns = prompt_turns(row, self.column_map)
-                    pid, ids = prompt_id_of(row, turns), encode_prompt(self.tok, turns, self.max_prompt_length)
+                    pid = prompt_id_of(row, turns)
+                    ids = encode_prompt(self.tok, turns, self.max_prompt_length, *self.policy)
                 except RowError as e:
                     err, reason = str(e), e.reason
             for k, v in (("source", source), ("row", int(n)), ("error", err), ("reason", reason),
@@ -101,7 +108,8 @@ def read_prompts(cfg, tokenizer_path: str) -> tuple[list[dict], dict]:
     ds = ds.map_batches(read_files_batch, batch_size=1).map_batches(
         PromptTokenize, batch_size=256, concurrency=1,
         fn_constructor_kwargs=dict(tokenizer_path=tokenizer_path, max_prompt_length=cfg.data.max_prompt_length,
-                                   column_map=dict(cfg.data.column_map)))
+                                   column_map=dict(cfg.data.column_map), add_bos=cfg.data.add_bos,
+                                   allow_special_tokens_in_text=cfg.data.allow_special_tokens_in_text))
     prompts, errors, seen = [], [], set()
     duplicates = 0
     for r in ds.iter_rows():

@@ -2,7 +2,9 @@
 one row -> tokenized triplet path that training, ``data inspect`` and generation share.
 
 Triplet contract: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` where the last two
-are completion ids only; chosen and rejected share exactly the same prompt tokens.
+are completion ids only; chosen and rejected share exactly the same prompt tokens, and
+``prompt_ids + chosen_ids`` is the one-pass tokenization of the rendered conversation
+(``simpo_ray.tokens``: BOS policy, completions end with the end-of-turn token).
 A bad row raises ``RowError`` with a message naming the column and a ``reason``
 category (one of ``REASONS``); ``simpo_ray.data`` turns it into a counted row.
 """
@@ -13,17 +15,20 @@ import hashlib
 import json
 
 from simpo_ray.sources import RowError
+from simpo_ray.tokens import BOUNDARY_MERGED, SPECIAL_TOKEN_TEXT, TOKENIZATION, streams_for
 
 # Reason categories: counts are kept per category, messages carry the detail.
 INVALID_UTF8, INVALID_JSON, NOT_OBJECT = "invalid UTF-8", "invalid JSON", "not a JSON object"
 MISSING, WRONG_TYPE, EMPTY = "missing field", "wrong type", "empty text"
 SAME, PROMPT_DIFFERS, NON_TEXT = "chosen == rejected", "prompt differs", "non-text content"
-BAD_CONVERSATION, TOKENIZATION = "bad conversation", "tokenization"
+BAD_CONVERSATION = "bad conversation"
 # A whole file the parser refuses (not a row): stops the run in both modes.
 UNREADABLE = "unreadable file"
 # Not malformed input but a consequence of max_length: dropped and counted in both modes.
 TRUNCATED_SAME = "identical after truncation"
 NON_FATAL = frozenset({TRUNCATED_SAME})
+# Notes, not errors: the row trains; data inspect counts them (see simpo_ray.tokens).
+NOTES = (BOUNDARY_MERGED, SPECIAL_TOKEN_TEXT)
 REASONS = (INVALID_UTF8, INVALID_JSON, NOT_OBJECT, MISSING, WRONG_TYPE, EMPTY, SAME, PROMPT_DIFFERS,
            NON_TEXT, BAD_CONVERSATION, TOKENIZATION, TRUNCATED_SAME)
 FIELDS = ("prompt", "chosen", "rejected")
@@ -117,62 +122,41 @@ def _check_unicode(text: str, field: str) -> None:
 
 
 # ---------------------------------------------------------------- tokenization
-def render(tokenizer, turns: list[dict], completion: str) -> tuple[str, str]:
-    """(prompt text with the generation prompt, completion text incl. end-of-turn)."""
-    if tokenizer.chat_template is None:
-        prompt = "\n\n".join(m["content"] for m in turns) + "\n\n"
-        return (tokenizer.bos_token or "") + prompt, completion + (tokenizer.eos_token or "")
-    try:  # templates refuse some conversations (e.g. a system turn): that row, not the run
-        prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            turns + [{"role": "assistant", "content": completion}], tokenize=False)
-    except Exception as e:
-        raise RowError(f"chat template refused the conversation ({type(e).__name__}: {e})", TOKENIZATION) from None
-    if not full.startswith(prompt):
-        raise RowError("chat template does not render the conversation as prompt + completion", TOKENIZATION)
-    return prompt, full[len(prompt):]
-
-
-def tokenize_triplet(tokenizer, turns, chosen: str, rejected: str,
-                     max_length: int, max_prompt_length: int) -> dict:
-    """Tokenize once, truncate, and check the invariants. Returns the triplet dict,
-    with the untruncated lengths (``prompt_len``, ``chosen_len``, ``rejected_len``)."""
-    p_text, c_text = render(tokenizer, turns, chosen)
-    p_text_r, r_text = render(tokenizer, turns, rejected)
-    assert p_text == p_text_r, "prompt rendered differently for chosen and rejected"
-    # The template writes BOS itself; the tokenizer must not add another.
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    try:  # a tokenizer error is this row's, never the pipeline's
-        prompt_ids, chosen_ids, rejected_ids = enc(p_text), enc(c_text), enc(r_text)
-    except Exception as e:
-        raise RowError(f"tokenizer refused the text ({type(e).__name__}: {e})", TOKENIZATION) from None
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos == prompt_ids[1]:
-        raise RowError("double BOS after chat template", TOKENIZATION)
-    if not chosen_ids or not rejected_ids:
-        raise RowError("completion tokenizes to nothing", TOKENIZATION)
+def tokenize_triplet(tokenizer, turns, chosen: str, rejected: str, max_length: int, max_prompt_length: int,
+                     add_bos: str = "auto", allow_special_tokens_in_text: bool = False) -> dict:
+    """Tokenize the conversation in one pass (``simpo_ray.tokens``), truncate, and check
+    the invariants. Returns the triplet dict, with the untruncated lengths
+    (``prompt_len``, ``chosen_len``, ``rejected_len``; at least the cap for text cut
+    before tokenizing) and ``notes`` (the non-fatal reasons that applied)."""
+    st = streams_for(tokenizer, add_bos, allow_special_tokens_in_text)
+    p_cap, c_cap = st.char_cap(max_prompt_length), st.char_cap(max_length)
+    cut_turns = [dict(m, content=m["content"][-p_cap:]) if len(m["content"]) > p_cap else m for m in turns]
+    enc = st.encode(cut_turns, [chosen[:c_cap], rejected[:c_cap]])
+    prompt_ids, (chosen_ids, rejected_ids) = enc["prompt_ids"], enc["completions"]
     raw = {"prompt_len": len(prompt_ids), "chosen_len": len(chosen_ids), "rejected_len": len(rejected_ids)}
-    truncated = False
-    if len(prompt_ids) > max_prompt_length:  # keep the end: the question is there
-        prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
+    truncated = cut_turns != turns or max(len(chosen), len(rejected)) > c_cap
+    if len(prompt_ids) > max_prompt_length:  # keep the end: the question is there (and BOS)
+        prompt_ids, truncated = st.truncate_prompt(prompt_ids, max_prompt_length), True
     room = max_length - len(prompt_ids)  # >= 1: config guarantees max_prompt_length < max_length
     if len(chosen_ids) > room or len(rejected_ids) > room:
         chosen_ids, rejected_ids, truncated = chosen_ids[:room], rejected_ids[:room], True
     if chosen_ids == rejected_ids:
         raise RowError("chosen and rejected identical after truncation", TRUNCATED_SAME)
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids,
-            "rejected_ids": rejected_ids, "truncated": truncated, **raw}
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+            "truncated": truncated, "notes": sorted(enc["notes"]), **raw}
 
 
 def process_row(tokenizer, row: dict, *, max_length: int, max_prompt_length: int,
-                column_map: dict | None = None, vocab_size: int | None = None) -> tuple[list[dict], dict]:
+                column_map: dict | None = None, vocab_size: int | None = None,
+                add_bos: str = "auto", allow_special_tokens_in_text: bool = False) -> tuple[list[dict], dict]:
     """One raw row -> (prompt turns, triplet). The one code path that training
     (the Tokenize UDF) and ``data inspect`` share. ``vocab_size`` (the model's) bounds
     the ids of pre-tokenized rows. Raises RowError."""
     turns, chosen, rejected = normalize_row(row, column_map)
     if all(row.get(k) is not None for k in IDS):
         return turns, ids_triplet(row, max_length, max_prompt_length, vocab_size)
-    return turns, tokenize_triplet(tokenizer, turns, chosen, rejected, max_length, max_prompt_length)
+    return turns, tokenize_triplet(tokenizer, turns, chosen, rejected, max_length, max_prompt_length,
+                                   add_bos, allow_special_tokens_in_text)
 
 
 # ---------------------------------------------------------------- pre-tokenized rows
@@ -202,7 +186,7 @@ def ids_triplet(row: dict, max_length: int, max_prompt_length: int, vocab_size: 
     if c_t == r_t:
         raise RowError("chosen and rejected identical after truncation", TRUNCATED_SAME)
     truncated = (len(p_t), len(c_t), len(r_t)) != (len(p), len(c), len(r))
-    return {"prompt_ids": p_t, "chosen_ids": c_t, "rejected_ids": r_t, "truncated": truncated, **raw}
+    return {"prompt_ids": p_t, "chosen_ids": c_t, "rejected_ids": r_t, "truncated": truncated, "notes": [], **raw}
 
 
 # ---------------------------------------------------------------- train / eval split

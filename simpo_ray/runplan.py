@@ -58,7 +58,8 @@ class RunPlan(_Boundary):
         dropped = self.stats.get("dropped") or {}
         return {"data/dropped_total": sum(dropped.values()),
                 "data/unused_pairs_per_epoch": self.unused_pairs_per_epoch,
-                **{f"data/dropped/{k}": v for k, v in dropped.items()}}
+                **{f"data/dropped/{k}": v for k, v in dropped.items()},
+                **{f"data/token_notes/{k}": v for k, v in (self.stats.get("token_notes") or {}).items()}}
 
     def counted(self, epoch_steps: list, max_steps: Optional[int]) -> "RunPlan":
         """The driver's step estimate replaced by the workers' count (token budget):

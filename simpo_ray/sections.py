@@ -1,7 +1,5 @@
-"""The config sections: one dataclass per concern, each validating itself with a
-``ConfigError`` that names the dotted field. ``simpo_ray.config`` assembles them into
-``RunConfig`` and builds them from YAML (and re-exports every name here).
-"""
+"""The config sections: one dataclass per concern, each validating itself with a ``ConfigError``
+naming the dotted field; ``simpo_ray.config`` assembles them into ``RunConfig`` (and re-exports them)."""
 
 from __future__ import annotations
 
@@ -93,8 +91,13 @@ class DataConfig:
     # a step is still train.grad_accum_steps micro-batches, its loss a mean over all its
     # pairs; micro_batch_size is then only the read size (see README, Data).
     token_budget: Optional[int] = None
+    # BOS auto|always|never; special-token strings in text stay text (simpo_ray.tokens).
+    add_bos: str = "auto"
+    allow_special_tokens_in_text: bool = False
 
     def validate(self, path: str) -> None:
+        if self.add_bos not in ("auto", "always", "never"):
+            raise ConfigError(f"{path}.add_bos", f"must be auto, always or never, got {self.add_bos!r}")
         if not self.train_files:
             raise ConfigError(f"{path}.train_files", "must name at least one file")
         if not 0.0 <= self.eval_fraction < 1.0:

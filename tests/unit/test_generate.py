@@ -42,7 +42,8 @@ def test_prompt_ids_match_training_rendering(tokenizer):
     turns = [{"role": "user", "content": "What is 2 + 2?"}]
     trip = tokenize_triplet(tokenizer, turns, "4.", "5.", max_length=256, max_prompt_length=128)
     assert encode_prompt(tokenizer, turns, 128) == trip["prompt_ids"]
-    assert encode_prompt(tokenizer, turns, 5) == trip["prompt_ids"][-5:]  # the end is kept
+    # the end is kept, after the BOS the model was pretrained with
+    assert encode_prompt(tokenizer, turns, 5) == trip["prompt_ids"][:1] + trip["prompt_ids"][-4:]
 
 
 def _row(**ids):
