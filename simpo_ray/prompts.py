@@ -59,9 +59,7 @@ def encode_prompt(tokenizer, turns: list[dict], max_prompt_length: int, add_bos:
     with the generation prompt, the BOS policy, special-token text as text), keeping
     the end of long prompts as training does."""
     st = streams_for(tokenizer, add_bos, allow_special_tokens_in_text)
-    cap = st.char_cap(max_prompt_length)
-    turns = [dict(m, content=m["content"][-cap:]) if len(m["content"]) > cap else m for m in turns]
-    return st.truncate_prompt(st.prompt_ids(turns), max_prompt_length)
+    return st.truncate_prompt(st.prompt_ids(st.cap_turns(turns, max_prompt_length)), max_prompt_length)
 
 
 class PromptTokenize:

@@ -15,7 +15,7 @@ import hashlib
 import json
 
 from simpo_ray.sources import RowError
-from simpo_ray.tokens import BOUNDARY_MERGED, SPECIAL_TOKEN_TEXT, TOKENIZATION, streams_for
+from simpo_ray.tokens import TOKENIZATION, streams_for
 
 # Reason categories: counts are kept per category, messages carry the detail.
 INVALID_UTF8, INVALID_JSON, NOT_OBJECT = "invalid UTF-8", "invalid JSON", "not a JSON object"
@@ -27,8 +27,6 @@ UNREADABLE = "unreadable file"
 # Not malformed input but a consequence of max_length: dropped and counted in both modes.
 TRUNCATED_SAME = "identical after truncation"
 NON_FATAL = frozenset({TRUNCATED_SAME})
-# Notes, not errors: the row trains; data inspect counts them (see simpo_ray.tokens).
-NOTES = (BOUNDARY_MERGED, SPECIAL_TOKEN_TEXT)
 REASONS = (INVALID_UTF8, INVALID_JSON, NOT_OBJECT, MISSING, WRONG_TYPE, EMPTY, SAME, PROMPT_DIFFERS,
            NON_TEXT, BAD_CONVERSATION, TOKENIZATION, TRUNCATED_SAME)
 FIELDS = ("prompt", "chosen", "rejected")
@@ -129,8 +127,7 @@ def tokenize_triplet(tokenizer, turns, chosen: str, rejected: str, max_length: i
     (``prompt_len``, ``chosen_len``, ``rejected_len``; at least the cap for text cut
     before tokenizing) and ``notes`` (the non-fatal reasons that applied)."""
     st = streams_for(tokenizer, add_bos, allow_special_tokens_in_text)
-    p_cap, c_cap = st.char_cap(max_prompt_length), st.char_cap(max_length)
-    cut_turns = [dict(m, content=m["content"][-p_cap:]) if len(m["content"]) > p_cap else m for m in turns]
+    c_cap, cut_turns = st.char_cap(max_length), st.cap_turns(turns, max_prompt_length)
     enc = st.encode(cut_turns, [chosen[:c_cap], rejected[:c_cap]])
     prompt_ids, (chosen_ids, rejected_ids) = enc["prompt_ids"], enc["completions"]
     raw = {"prompt_len": len(prompt_ids), "chosen_len": len(chosen_ids), "rejected_len": len(rejected_ids)}

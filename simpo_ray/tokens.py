@@ -26,6 +26,8 @@ Such rows are counted under ``SPECIAL_TOKEN_TEXT``.
 
 from __future__ import annotations
 
+import re
+
 from simpo_ray.sources import RowError
 
 TOKENIZATION = "tokenization"  # the same category as rows.TOKENIZATION (rows imports it from here)
@@ -51,8 +53,9 @@ class Streams:
         added = getattr(tok, "added_tokens_decoder", {}) or {}
         self.control_ids = {int(i) for i in getattr(tok, "all_special_ids", [])} | {
             int(i) for i, t in added.items() if getattr(t, "special", False)}
-        self.control_text = sorted({t.content for i, t in added.items() if int(i) in self.control_ids}
-                                   | set(getattr(tok, "all_special_tokens", [])), key=len, reverse=True)
+        control_text = {t.content for i, t in added.items() if int(i) in self.control_ids} | set(
+            getattr(tok, "all_special_tokens", []))
+        self.control_re = re.compile("|".join(map(re.escape, sorted(control_text)))) if control_text else None
         # The tokenizer's own word on BOS: does plain encoding put one in front?
         try:
             plain = tok("a")["input_ids"]
@@ -90,9 +93,10 @@ class Streams:
         return prompt, full
 
     # ------------------------------------------------------------ tokenization
-    def _ids(self, text: str, spans: list[tuple[int, int]], notes: set) -> tuple[list[int], list]:
-        """One-pass ids of ``text`` (and offsets, None for slow tokenizers), with
-        control ids inside the content ``spans`` re-tokenized as text."""
+    def _ids(self, text: str, spans: list[tuple[int, int]], special: bool) -> tuple[list[int], list]:
+        """One-pass ids of ``text`` (and offsets, None for slow tokenizers); when the
+        contents hold ``special``-token text, control ids inside the content ``spans``
+        are re-tokenized as text."""
         tok = self.tok
         fast = getattr(tok, "is_fast", False)
         try:
@@ -100,10 +104,7 @@ class Streams:
         except Exception as e:  # a tokenizer error is this row's, never the pipeline's
             raise RowError(f"tokenizer refused the text ({type(e).__name__}: {e})", TOKENIZATION) from None
         ids, offs = list(enc["input_ids"]), (list(enc["offset_mapping"]) if fast else None)
-        if not any(s in text[a:b] for a, b in spans for s in self.control_text):
-            return ids, offs
-        notes.add(SPECIAL_TOKEN_TEXT)
-        if self.allow_special:
+        if not special or self.allow_special:
             return ids, offs
         if not fast:
             raise RowError("special-token text in a message, and this tokenizer has no offsets to keep it as "
@@ -117,14 +118,18 @@ class Streams:
         """Prompt ids shared by every completion, and each completion's ids (ending with
         the end-of-turn token). ``notes``: the non-fatal reasons that applied."""
         notes: set = set()
+        special = self.control_re is not None and any(
+            self.control_re.search(c) for c in [m["content"] for m in turns] + completions)
+        if special:
+            notes.add(SPECIAL_TOKEN_TEXT)
         fulls = [self.render(turns, c) for c in completions]
         prompt = fulls[0][0] if fulls else self.render(turns)[0]
         spans = _content_spans(prompt, [m["content"] for m in turns])
-        p_ids, _ = self._ids(prompt, spans, notes)
+        p_ids, _ = self._ids(prompt, spans, special)
         cut, streams = len(p_ids), []
         for (_, full), c in zip(fulls, completions):
             f_spans = spans + _content_spans(full, [c], start=len(prompt))
-            ids, offs = self._ids(full, f_spans, notes)
+            ids, offs = self._ids(full, f_spans, special)
             b = len(p_ids) if ids[:len(p_ids)] == p_ids else _boundary(offs, len(prompt))
             if b is None or b >= len(ids):
                 raise RowError("the completion cannot be located in the tokenized conversation", TOKENIZATION)
@@ -167,6 +172,12 @@ class Streams:
         more characters than its vocabulary string): text beyond it is cut before
         tokenizing, so an enormous row costs what a long one does."""
         return (max_tokens + 16) * self.max_token_chars
+
+    def cap_turns(self, turns: list[dict], max_prompt_length: int) -> list[dict]:
+        """Prompt turns with each content cut to its last ``char_cap`` characters
+        (the end of a prompt is what truncation keeps)."""
+        cap = self.char_cap(max_prompt_length)
+        return [dict(m, content=m["content"][-cap:]) if len(m["content"]) > cap else m for m in turns]
 
     def truncate_prompt(self, ids: list[int], max_prompt_length: int) -> list[int]:
         """The end of a long prompt (the question is there), after its BOS if it has one."""
