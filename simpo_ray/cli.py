@@ -67,11 +67,13 @@ def _scale(args) -> int:
 
 def _data(args) -> int:
     from simpo_ray.data import DataError
-    from simpo_ray.inspect_data import run
+    from simpo_ray import inspect_data
 
     cfg = _load(args)
     try:
-        return run(cfg, histogram=args.histogram, as_json=args.json)
+        if args.data_command == "tokens":
+            return inspect_data.tokens(cfg, rows=args.rows, as_json=args.json)
+        return inspect_data.run(cfg, histogram=args.histogram, as_json=args.json)
     except DataError as e:
         print(f"simpo-ray: {e}", file=sys.stderr)
         return 1
@@ -155,8 +157,10 @@ def main(argv=None) -> int:
     sc.set_defaults(fn=_scale)
     dp = sub.add_parser("data", help="inspect the training data of a config",
                         description="Data tools. `data inspect CONFIG.yaml`: rows dropped per reason, token-length "
-                                    "percentiles, share truncated, padding waste, and a length histogram PNG; "
-                                    "exit 1 when a strict run would stop on malformed rows.")
+                                    "percentiles, share truncated, padding waste, the token policy and a sample "
+                                    "row, and a length histogram PNG; exit 1 when a strict run would stop on "
+                                    "malformed rows. `data tokens CONFIG.yaml --rows N [--json]`: the first N "
+                                    "train rows' token ids exactly as training sees them.")
     dsub = dp.add_subparsers(dest="data_command", required=True)
     di = dsub.add_parser("inspect", help="counts per reason, length percentiles, histogram PNG",
                          description="Scan the config's train/eval data with the training tokenizer and rules.",
@@ -165,6 +169,17 @@ def main(argv=None) -> int:
     di.add_argument("--histogram", help="PNG path (default: the run folder's data_lengths.png)")
     di.add_argument("--json", action="store_true", help="print the report as JSON")
     di.set_defaults(fn=_data)
+    dt = dsub.add_parser("tokens", help="the first N train rows' prompt / chosen / rejected ids as training sees them",
+                         description="Tokenize the first N rows of the config's train data exactly as training does "
+                                     "(chat template in one pass, BOS policy, end-of-turn, truncation) and print the "
+                                     "rendered text, token pieces and ids of prompt, chosen and rejected; with --json "
+                                     "one JSON object per row: row, source, prompt_ids, chosen_ids, rejected_ids "
+                                     "(or error and reason for a row training drops).",
+                         parents=[_config_parent("YAML config (see examples/)", "key.sub=value, e.g. data.add_bos=never",
+                                                 address=False, dry_run=False)])
+    dt.add_argument("--rows", type=int, default=5, help="how many rows (default 5)")
+    dt.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    dt.set_defaults(fn=_data)
     onpolicy = _config_parent("YAML config with a generate section (see examples/onpolicy_*.yaml)",
                               "key.sub=value, e.g. generate.num_samples=4")
     for name, help_text, description in (

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from simpo_ray.rows import (NON_FATAL, NON_JSON_TAG, UNREADABLE, process_row, prompt_group, split_of,
+from simpo_ray.rows import (NON_FATAL, NON_JSON_TAG, UNREADABLE, process_row, prompt_group, row_options, split_of,
                             stratified_eval_groups)
 from simpo_ray.sources import DataError, RowError, expand_files, fingerprint, iter_file_rows
 
@@ -70,19 +70,16 @@ class Tokenize:
     COLUMNS = ("source", "row", "error", "reason", "split", "group", "resp_len",
                "prompt_ids", "chosen_ids", "rejected_ids", "truncated", "notes")
 
-    def __init__(self, name_or_path: str, tiny_spec: dict, max_length: int,
-                 max_prompt_length: int, seed: int, eval_fraction: float,
-                 column_map: dict | None = None, add_bos: str = "auto",
-                 allow_special_tokens_in_text: bool = False):
+    def __init__(self, name_or_path: str, tiny_spec: dict, options: dict, seed: int, eval_fraction: float):
+        """``options``: ``rows.row_options`` of the data config (the model's vocabulary
+        size is added here, where the model folder is)."""
         from transformers import AutoTokenizer
 
         from simpo_ray.models import resolve_model_path
 
         path = resolve_model_path(name_or_path, tiny_spec)
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.kwargs = dict(max_length=max_length, max_prompt_length=max_prompt_length,
-                           column_map=column_map or None, vocab_size=model_vocab_size(path),
-                           add_bos=add_bos, allow_special_tokens_in_text=allow_special_tokens_in_text)
+        self.kwargs = dict(options, vocab_size=model_vocab_size(path))
         self.seed, self.eval_fraction = seed, eval_fraction
 
     def __call__(self, batch: dict) -> dict:
@@ -185,10 +182,8 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
         ds = ds.map_batches(Tokenize, batch_size=256, concurrency=1,
                             fn_constructor_kwargs=dict(
                                 name_or_path=cfg.model.name_or_path,
-                                tiny_spec=dataclasses.asdict(cfg.model.tiny), max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, seed=d.seed,
-                                eval_fraction=frac, column_map=dict(d.column_map), add_bos=d.add_bos,
-                                allow_special_tokens_in_text=d.allow_special_tokens_in_text))
+                                tiny_spec=dataclasses.asdict(cfg.model.tiny), options=row_options(d),
+                                seed=d.seed, eval_fraction=frac))
         return ds.materialize()
 
     tokenized = pipeline(files, fraction)

@@ -16,45 +16,60 @@ from collections import Counter
 from pathlib import Path
 
 from simpo_ray.data import model_vocab_size
-from simpo_ray.rows import NON_FATAL, process_row
+from simpo_ray.rows import NON_FATAL, process_row, row_options
 from simpo_ray.sources import RowError, expand_files, iter_file_rows
+from simpo_ray.tokens import streams_for
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
-def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
-    """Scan every row of ``cfg.data``'s sources. Returns the report dict (JSON-able)."""
+def training_tokenizer(cfg, tokenizer=None):
+    """(the tokenizer training uses, ``process_row``'s options for ``cfg.data``)."""
     from simpo_ray.models import resolve_model_path
 
-    d = cfg.data
     path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    vocab_size = model_vocab_size(path)
-    sources = expand_files(d.train_files) + (expand_files(d.eval_files) if d.eval_files else [])
-    reasons: Counter = Counter()
-    offenders, rows_read, truncated = [], 0, 0
-    raw = {"prompt": [], "chosen": [], "rejected": []}
-    kept = []  # (prompt, chosen, rejected) lengths after truncation
+    return tokenizer, row_options(cfg.data, model_vocab_size(path))
+
+
+def scan(sources, tokenizer, options):
+    """(source, row number, triplet or the RowError) for every row of ``sources``, in
+    file order, through the same row -> triplet code as training."""
     for src in sources:
         for n, row in iter_file_rows(src):
-            rows_read += 1
             try:
                 if isinstance(row, RowError):
                     raise row
-                _, t = process_row(tokenizer, row, max_length=d.max_length,
-                                   max_prompt_length=d.max_prompt_length, column_map=d.column_map or None,
-                                   vocab_size=vocab_size)
+                yield src, n, process_row(tokenizer, row, **options)[1]
             except RowError as e:
-                reasons[e.reason] += 1
-                offenders.append((src, n, str(e), e.reason))
-                continue
-            for k in raw:
-                raw[k].append(t[f"{k}_len"])
-            kept.append((len(t["prompt_ids"]), len(t["chosen_ids"]), len(t["rejected_ids"])))
-            truncated += bool(t["truncated"])
+                yield src, n, e
+
+
+def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
+    """Scan every row of ``cfg.data``'s sources. Returns the report dict (JSON-able)."""
+    d = cfg.data
+    tokenizer, options = training_tokenizer(cfg, tokenizer)
+    sources = expand_files(d.train_files) + (expand_files(d.eval_files) if d.eval_files else [])
+    reasons: Counter = Counter()
+    notes: Counter = Counter()
+    offenders, rows_read, truncated, sample = [], 0, 0, None
+    raw = {"prompt": [], "chosen": [], "rejected": []}
+    kept = []  # (prompt, chosen, rejected) lengths after truncation
+    for src, n, t in scan(sources, tokenizer, options):
+        rows_read += 1
+        if isinstance(t, RowError):
+            reasons[t.reason] += 1
+            offenders.append((src, n, str(t), t.reason))
+            continue
+        for k in raw:
+            raw[k].append(t[f"{k}_len"])
+        kept.append((len(t["prompt_ids"]), len(t["chosen_ids"]), len(t["rejected_ids"])))
+        truncated += bool(t["truncated"])
+        notes.update(t.get("notes") or [])
+        sample = sample or {"source": src, "row": n, **rendered(tokenizer, t)}
     fatal = sorted(o for o in offenders if o[3] not in NON_FATAL)
     pairs = len(kept)
     return {
@@ -65,8 +80,15 @@ def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
         "truncated_pairs": truncated, "truncated_share": truncated / pairs if pairs else 0.0,
         "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
         "padding_waste": _waste(kept, cfg.train.micro_batch_size, d.pack_row_tokens),
+        "token_policy": streams_for(tokenizer, d.add_bos, d.allow_special_tokens_in_text).describe(),
+        "token_notes": dict(notes), "sample": sample,
         "_lengths": raw,
     }
+
+
+def rendered(tokenizer, t: dict) -> dict:
+    """A triplet's streams as text, exactly as training sees them (special tokens shown)."""
+    return {k: tokenizer.decode(t[f"{k}_ids"], skip_special_tokens=False) for k in ("prompt", "chosen", "rejected")}
 
 
 def _percentiles(values) -> dict:
@@ -115,6 +137,17 @@ def format_report(rep: dict) -> str:
                  f"{rep['max_prompt_length']}: {rep['truncated_pairs']} ({rep['truncated_share']:.1%})")
     w = rep["padding_waste"]
     lines.append(f"padding waste per micro-batch: padded {w['padded']:.1%}, packed {w['packed']:.1%}")
+    p = rep["token_policy"]
+    lines.append(f"token policy: add_bos {p['add_bos']} (BOS {p['bos']}; template writes it: "
+                 f"{p['template_writes_bos']}; tokenizer expects it: {p['tokenizer_expects_bos']}; added: "
+                 f"{p['bos_added']}), completions end with {p['end_of_turn']}, generation stops at "
+                 f"{', '.join(map(str, p['stop_tokens']))}, special-token strings in text: {p['special_tokens_in_text']}")
+    lines.append("token notes (rows kept): " + (", ".join(f"{k}: {n}" for k, n in sorted(rep["token_notes"].items()))
+                                                or "none"))
+    if rep["sample"]:
+        sm = rep["sample"]
+        lines.append(f"sample ({sm['source']} row {sm['row']}), as training sees it:")
+        lines += [f"  {k:<9}{json.dumps(sm[k], ensure_ascii=False)}" for k in ("prompt", "chosen", "rejected")]
     return "\n".join(lines)
 
 
@@ -144,6 +177,35 @@ def write_histogram(rep: dict, path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def tokens(cfg, rows: int = 5, as_json: bool = False, out=None) -> int:
+    """``data tokens``: the first ``rows`` train rows as training tokenizes them. JSON:
+    one object per row with ``row``, ``source`` and ``prompt_ids`` / ``chosen_ids`` /
+    ``rejected_ids`` (or ``error`` and ``reason`` for a row training drops)."""
+    import itertools
+    import sys
+
+    out = out or sys.stdout
+    tokenizer, options = training_tokenizer(cfg)
+    for src, n, t in itertools.islice(scan(expand_files(cfg.data.train_files), tokenizer, options), rows):
+        if isinstance(t, RowError):
+            rec = {"source": src, "row": n, "error": str(t), "reason": t.reason}
+            print(json.dumps(rec) if as_json else f"{src} row {n}: dropped ({t.reason}): {t}", file=out)
+            continue
+        ids = {k: t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        if as_json:
+            print(json.dumps({"source": src, "row": n, **ids, "truncated": t["truncated"],
+                              "notes": t["notes"]}), file=out)
+            continue
+        text = rendered(tokenizer, t)
+        print(f"{src} row {n}: " + ", ".join(f"{k[:-4]} {len(v)}" for k, v in ids.items()) + " tokens"
+              + (" (truncated)" if t["truncated"] else "") + "".join(f"; {x}" for x in t["notes"]), file=out)
+        for k in ("prompt", "chosen", "rejected"):
+            pieces = tokenizer.convert_ids_to_tokens(ids[f"{k}_ids"])
+            print(f"  {k:<9}{json.dumps(text[k], ensure_ascii=False)}\n  {'':<9}{'|'.join(pieces)}\n"
+                  f"  {'':<9}{ids[f'{k}_ids']}", file=out)
+    return 0
 
 
 def run(cfg, histogram=None, as_json: bool = False) -> int:

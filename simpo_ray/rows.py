@@ -156,6 +156,14 @@ def process_row(tokenizer, row: dict, *, max_length: int, max_prompt_length: int
                                    add_bos, allow_special_tokens_in_text)
 
 
+def row_options(d, vocab_size: int | None = None) -> dict:
+    """``process_row``'s keyword arguments from a ``DataConfig``: the one place training,
+    ``data inspect`` and ``data tokens`` take them from (plain values: they cross Ray)."""
+    return dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                column_map=dict(d.column_map) or None, vocab_size=vocab_size, add_bos=d.add_bos,
+                allow_special_tokens_in_text=d.allow_special_tokens_in_text)
+
+
 # ---------------------------------------------------------------- pre-tokenized rows
 # Rows written by `simpo-ray generate` carry the sampled token ids beside the text.
 # Training uses those ids as they are: decoding and re-tokenizing changes them.

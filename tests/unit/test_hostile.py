@@ -115,8 +115,11 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenize():
     """The Ray Data tokenizing UDF itself (its constructor loads the tiny tokenizer)."""
-    return D.Tokenize("tiny", dataclasses.asdict(TinyModelConfig()), MAX_LENGTH, MAX_PROMPT,
-                      seed=0, eval_fraction=0.0)
+    from simpo_ray.config import DataConfig
+    from simpo_ray.rows import row_options
+
+    options = row_options(DataConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT))
+    return D.Tokenize("tiny", dataclasses.asdict(TinyModelConfig()), options, seed=0, eval_fraction=0.0)
 
 
 def pipeline(tokenize, *paths, strict=True):
