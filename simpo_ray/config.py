@@ -207,6 +207,9 @@ def build(cls, data: Any, path: str = ""):
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(names)}"
         raise ConfigError(_join(path, k), f"unknown key{hint}")
     kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
+    for k, v in kwargs.items():  # every seed of every section, checked in one place
+        if k == "seed" and isinstance(v, int) and not 0 <= v < 2**32:
+            raise ConfigError(_join(path, k), f"must be in [0, 2**32) (numpy and Ray Data seeds), got {v}")
     return cls(**kwargs)
 
 

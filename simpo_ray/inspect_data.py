@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -218,6 +219,9 @@ def run(cfg, histogram=None, as_json: bool = False) -> int:
     else:
         print(format_report(rep))
         print(f"histogram: {png}")
+    if not rep["pairs"]:
+        print("simpo-ray: no training pairs in the data: training would stop before it starts", file=sys.stderr)
+        return 1
     if rep["strict"] and rep["malformed"]:
         print(f"simpo-ray: {rep['malformed']} malformed row(s): a strict run stops on them "
               "(fix them, or set data.strict=false to drop and count them)")

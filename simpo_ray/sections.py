@@ -278,7 +278,7 @@ class OutputConfig:
     storage: Optional[str] = None
 
     def validate(self, path: str) -> None:
-        if not self.name or "/" in self.name:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"{path}.name", f"must be a non-empty folder name, got {self.name!r}")
         _positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
         if "://" in self.root:

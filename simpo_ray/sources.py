@@ -72,6 +72,8 @@ def expand_files(spec) -> list[str]:
         item = os.path.expanduser(item)
         if os.path.isdir(item):
             matches = [_folder_source(item)] if _is_dataset_folder(item) else _files_under(item)
+        elif os.path.isfile(item):
+            matches = [item]  # a real file wins over glob syntax in its name (prefs[1].jsonl)
         elif any(c in item for c in "*?["):
             matches = sorted(glob.glob(item))
             matches = [_folder_source(m) if os.path.isdir(m) else m for m in matches
@@ -160,7 +162,8 @@ def _rows(path: str) -> Iterator[tuple[int, object]]:
         # A field longer than csv's default 128 KiB limit is an enormous row, not a broken
         # file: read it, and let truncation to max_length deal with it as for JSONL.
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-        with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:
             try:
                 for n, row in enumerate(csv.DictReader(f), start=2):  # row 1 is the header
                     yield n, row
@@ -183,6 +186,9 @@ def _rows(path: str) -> Iterator[tuple[int, object]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield n, RowError(f"invalid JSON: {e.msg} at column {e.colno}", "invalid JSON")
+                continue
+            except (ValueError, RecursionError) as e:  # a 5000-digit integer, nesting too deep: this row only
+                yield n, RowError(f"invalid JSON: {type(e).__name__}: {str(e)[:200]}", "invalid JSON")
                 continue
             yield n, row if isinstance(row, dict) else RowError("row is not a JSON object",
                                                                 "not a JSON object")
