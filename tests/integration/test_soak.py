@@ -9,41 +9,28 @@ version of this test saw +0.5% (benchmarks/README.md, Soak), and a copy of the w
 that kept 1 MiB per step alive (what a held batch or graph would do) failed it at
 +5.8%. The long version is ``python benchmarks/soak.py`` (300 steps)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-from tests.conftest import REPO
-from tests.integration.test_train import _cfg, _lines
+from tests.integration.conftest import BUNDLED, fit, load_script
 
 pytestmark = pytest.mark.slow
 
 
-def _soak_module():
-    spec = importlib.util.spec_from_file_location("soak", os.path.join(REPO, "benchmarks", "soak.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_worker_memory_stays_flat_after_warm_up(ray_local, tmp_path):
-    from simpo_ray.train import train
-
     data = tmp_path / "pairs.jsonl"
-    with open(os.path.join(REPO, "examples", "data", "preferences.jsonl")) as f:
+    with open(BUNDLED) as f:
         data.write_text("".join(f.readlines()[:40]))  # 40 pairs: 10 steps of 4 per epoch
-    cfg = _cfg(tmp_path, **{"data.train_files": str(data), "data.eval_fraction": 0.0,
-                            "train.total_batch_size": 4, "train.micro_batch_size": 2, "train.epochs": 10,
-                            "train.max_steps": 40, "train.log_every": 1, "train.checkpoint_every": 10,
-                            "train.eval_every": 1000, "output.name": "soak", "output.export": "false"})
-    _, summary = train(cfg)
-    lines = [m for m in _lines(summary["run_dir"]) if "loss" in m]
+    _, _, summary, every = fit(tmp_path, **{
+        "data.train_files": str(data), "data.eval_fraction": 0.0, "train.total_batch_size": 4,
+        "train.micro_batch_size": 2, "train.epochs": 10, "train.max_steps": 40, "train.log_every": 1,
+        "train.checkpoint_every": 10, "train.eval_every": 1000, "output.name": "soak", "output.export": "false"})
+    lines = [m for m in every if "loss" in m]
     assert summary["finished"] and [m["step"] for m in lines] == list(range(1, 41))
     assert lines[-1]["epoch"] >= 3  # the windows are separated by epoch boundaries
     assert sum(bool(m.get("checkpoint")) for m in lines) == 4
     assert all(m["sys/rss_mb"] > 50 for m in lines)  # a real process's RSS, every report
-    res = _soak_module().rss_growth(lines, warmup=10, window=10)
+    res = load_script("benchmarks/soak.py", "soak").rss_growth(lines, warmup=10, window=10)
     print(json.dumps(res))
     assert res["growth"] < 0.05, res
