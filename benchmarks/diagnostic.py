@@ -56,8 +56,8 @@ KINDS = ("wrong", "padded", "wrong_padded")
 # show that every piece runs and is wired to the right weights (numbers meaningless).
 FULL = dict(n_train=960, n_dev=128, n_test=256, n_gen=128, sft_steps=120, pref_steps=40,
             lrs={"simpo": [1e-4, 3e-4], "dpo": [1e-4, 3e-4]}, max_new_tokens=160)
-SMOKE = dict(n_train=96, n_dev=16, n_test=32, n_gen=16, sft_steps=3, pref_steps=2,
-             lrs={"simpo": [1e-3], "dpo": [1e-3]}, max_new_tokens=48)
+SMOKE = dict(n_train=64, n_dev=16, n_test=16, n_gen=8, sft_steps=3, pref_steps=2,
+             lrs={"simpo": [1e-3], "dpo": [1e-3]}, max_new_tokens=32)
 
 SFT_LR = 3e-3
 SIMPO_BETA, SIMPO_GAMMA_BETA_RATIO = 2.5, 0.5
@@ -111,7 +111,9 @@ def base_config(b: dict, files: dict, root: Path, tiny: dict) -> dict:
         "simpo": {"beta": SIMPO_BETA, "gamma_beta_ratio": SIMPO_GAMMA_BETA_RATIO},
         "optim": {"lr": SFT_LR, "warmup_ratio": 0.1},
         "train": {"num_workers": 2, "cpus_per_worker": 1, "total_batch_size": total,
-                  "micro_batch_size": micro, "epochs": 50, "log_every": 10},
+                  "micro_batch_size": micro, "epochs": 50,
+                  # smoke: a report per step (tests read step 1, before any update)
+                  "log_every": 1 if b.get("smoke") else 10},
         "output": {"root": str(root), "keep_checkpoints": 1},
         "ray": {"num_cpus": 4},
     }

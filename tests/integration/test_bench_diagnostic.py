@@ -5,26 +5,24 @@ preference runs started from the SFT export (their step-0 held-out log-probs, co
 by the training workers, equal the SFT model's scored here, and differ from the
 untrained model's). No timing and no paper numbers are asserted: the smoke budgets
 are far too small for the figures to mean anything.
+
+Its three fits are also the suite's SFT run (`simpo-ray sft` machinery: chosen
+responses only, completion-only NLL, exported like SimPO) and its DPO run (reference
+log-probs precomputed once; at the start the policy is the reference, so the reward
+margin is zero).
 """
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-from tests.conftest import REPO
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import load_script, read_metrics
 
 
 def _load_bench():
-    path = os.path.join(REPO, "benchmarks", "diagnostic.py")
-    spec = importlib.util.spec_from_file_location("bench_diagnostic", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join("benchmarks", "diagnostic.py"), "bench_diagnostic")
 
 
 def test_task_generator_is_seeded_and_skewed(tmp_path):
@@ -42,6 +40,7 @@ def test_task_generator_is_seeded_and_skewed(tmp_path):
     assert set(a["kinds"]["test"]) <= set(bench.KINDS) and len(a["kinds"]["test"]) == 20
 
 
+@pytest.mark.slow
 def test_smoke_run(ray_local, tmp_path):
     bench = _load_bench()
     out = tmp_path / "diag"
@@ -58,6 +57,12 @@ def test_smoke_run(ray_local, tmp_path):
     sft = on_disk["sft"]
     assert in_unit(sft["test"]["likelihood_accuracy"]) and "reward_accuracy" not in sft["test"]
     assert sft["generation"]["mean_length"] > 0
+    # The SFT run: NLL of the chosen responses only (no pair metrics), lower after training
+    # than the held-out NLL at step 0; exported like a SimPO run.
+    baseline, *lines = read_metrics(out / "runs" / "sft")
+    assert baseline["step"] == 0 and "eval/loss" in baseline and "rewards/accuracies" not in lines[0]
+    assert lines[-1]["loss"] < baseline["eval/loss"]
+    assert os.path.isfile(os.path.join(sft["export"], "model.safetensors"))
     for method in ("simpo", "dpo"):
         best = on_disk["best"][method]
         for split in ("dev", "test"):
@@ -78,5 +83,10 @@ def test_smoke_run(ray_local, tmp_path):
         assert abs(start["step0_dev_logp_chosen"] - start["untrained_dev_logp_chosen"]) > 0.05
         if run["method"] == "dpo":  # the SFT model is the reference: no margin before training
             assert start["dpo_margin_zero_at_start"]
+            baseline, *lines = read_metrics(out / "runs" / run["run"])
+            assert abs(baseline["eval/rewards/margins"]) < 1e-5
+            assert lines[0]["step"] == 1 and abs(lines[0]["rewards/margins"]) < 1e-5  # forward before any update
+            assert all(math.isfinite(m["loss"]) for m in lines)
+            assert "logps/accuracies" in lines[0] and "alarm/chosen_logp_drop" in lines[0]
         assert os.path.isfile(os.path.join(out, "runs", run["run"], "model", "model.safetensors"))
     assert s["plot"] == str(png)
