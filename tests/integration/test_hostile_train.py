@@ -1,35 +1,28 @@
 """Hostile input through the real trainer: `simpo-ray train` (its own process and Ray
 cluster) and ``train()`` on the session's Ray. The error arrives before any training
-worker starts (no ``workers/`` folder, no metrics line) and nothing hangs; in lenient
-mode the same rows are dropped, counted per reason in the summary and in every
-metrics line, and training runs on the rest. The corpus is the one the unit tests use
-(``tests/unit/test_hostile.py``)."""
+worker starts (no ``workers/`` folder, no metrics line) and nothing hangs. Lenient mode
+on the same rows (dropped, counted per reason in the summary and in every metrics line,
+training on the rest) is checked on test_reliability's killed-worker run. The corpus is
+the one the unit tests use (``tests/unit/test_hostile.py``)."""
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from simpo_ray.data import DataError
 from tests.conftest import REPO
-from tests.integration.test_train import _cfg, _lines
-from tests.unit.test_hostile import EXPECTED, ROWS
+from tests.integration.conftest import BUNDLED, cli_train, tiny_cfg, write_hostile
+from tests.unit.test_hostile import EXPECTED
 from tests.unit.test_model_folder import _sharded_copy
 
 pytestmark = pytest.mark.slow
 
-BUNDLED = os.path.join(REPO, "examples", "data", "preferences.jsonl")
-
 
 @pytest.fixture
 def hostile(tmp_path):
-    rows = tmp_path / "rows.jsonl"
-    rows.write_bytes(b"".join(line for line, _ in ROWS))
-    noise = tmp_path / "noise.parquet"
-    noise.write_bytes(bytes(range(256)) * 8)
-    return rows, noise
+    return write_hostile(tmp_path)
 
 
 def _no_worker_started(run_dir):
@@ -39,9 +32,7 @@ def _no_worker_started(run_dir):
 
 def test_cli_train_stops_on_hostile_rows_before_any_worker(hostile, tmp_path):
     rows, _ = hostile
-    args = [sys.executable, "-m", "simpo_ray.cli", "train", os.path.join(REPO, "examples", "tiny_cpu.yaml"),
-            f"data.train_files=[{BUNDLED}, {rows}]", f"output.root={tmp_path}", "output.name=hostile",
-            "train.max_steps=2", "output.export=false", "ray.num_cpus=4"]
+    args = cli_train(tmp_path, "hostile", f"data.train_files=[{BUNDLED}, {rows}]", "train.max_steps=2")
     start = time.time()
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -54,26 +45,12 @@ def test_cli_train_stops_on_hostile_rows_before_any_worker(hostile, tmp_path):
     print(f"stopped after {time.time() - start:.0f} s")
 
 
-def test_lenient_train_drops_counts_and_trains_on_the_rest(ray_local, hostile, tmp_path):
-    from simpo_ray.train import train
-
-    rows, _ = hostile
-    cfg = _cfg(tmp_path, **{"data.train_files": f"[{BUNDLED}, {rows}]", "data.strict": "false",
-                            "train.max_steps": 2, "output.name": "lenient", "output.export": "false"})
-    _, summary = train(cfg)
-    assert summary["finished"] and summary["data"]["dropped"] == EXPECTED
-    for m in _lines(summary["run_dir"]):
-        if "loss" in m:
-            assert m["data/dropped_total"] == sum(EXPECTED.values())
-            assert all(m[f"data/dropped/{k}"] == v for k, v in EXPECTED.items())
-
-
 def test_an_unreadable_file_stops_even_a_lenient_run_before_any_worker(ray_local, hostile, tmp_path):
     from simpo_ray.train import train
 
     _, noise = hostile
-    cfg = _cfg(tmp_path, **{"data.train_files": f"[{BUNDLED}, {noise}]", "data.strict": "false",
-                            "output.name": "unreadable", "output.export": "false"})
+    cfg = tiny_cfg(tmp_path, **{"data.train_files": f"[{BUNDLED}, {noise}]", "data.strict": "false",
+                                "output.name": "unreadable", "output.export": "false"})
     with pytest.raises(DataError, match=rf"1 file\(s\) cannot be read[^\n]*\n  {noise}: cannot be read"):
         train(cfg)
     _no_worker_started(cfg.output.run_dir)
@@ -84,8 +61,8 @@ def test_a_model_folder_with_a_missing_shard_stops_before_any_worker(ray_local, 
 
     folder, names = _sharded_copy(tiny_path, tmp_path / "model")
     (folder / names[0]).unlink()
-    cfg = _cfg(tmp_path, **{"model.name_or_path": str(folder), "output.name": "shard",
-                            "output.export": "false"})
+    cfg = tiny_cfg(tmp_path, **{"model.name_or_path": str(folder), "output.name": "shard",
+                                "output.export": "false"})
     with pytest.raises(FileNotFoundError, match=f"1 of 2 shards missing .first: {names[0]}"):
         train(cfg)
     _no_worker_started(cfg.output.run_dir)

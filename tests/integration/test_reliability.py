@@ -1,25 +1,23 @@
 """Faults on CPU with real Ray Train + DeepSpeed ZeRO-3 (2 workers): exact resume,
-a killed worker, a damaged checkpoint, poisoned losses, and a graceful stop."""
+a killed worker (on lenient hostile data), a damaged checkpoint, poisoned losses and a
+streak of them, and a graceful stop."""
 
 import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_train import _cfg, _lines
+from tests.conftest import SMALL_MODEL
+from tests.integration.conftest import BUNDLED, cli_train, fit, read_metrics, tiny_cfg, train_lines, write_hostile
+from tests.unit.test_hostile import EXPECTED
 
 pytestmark = pytest.mark.slow
-
-
-def _train_lines(run_dir):
-    return [m for m in _lines(run_dir) if "loss" in m]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +29,9 @@ def straight(ray_local, tmp_path_factory):
     from simpo_ray.train import train
 
     root = tmp_path_factory.mktemp("straight")
-    _, summary = train(_cfg(root, **BUDGET, **{"train.max_steps": 6, "output.name": "straight",
+    _, summary = train(tiny_cfg(root, **BUDGET, **{"train.max_steps": 6, "output.name": "straight",
                                                "train.checkpoint_every": 3, "output.export": "false"}))
-    lines = _train_lines(summary["run_dir"])
+    lines = train_lines(summary["run_dir"])
     assert summary["finished"] and [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
     return lines
 
@@ -47,12 +45,18 @@ def test_stop_and_resume_reproduce_the_uninterrupted_losses(straight, tmp_path):
 
     common = {"train.max_steps": 6, "output.name": "resumed", "train.checkpoint_every": 3,
               "output.export": "false", **BUDGET}
-    _, s1 = train(_cfg(tmp_path, **common, **{"train.stop_after": 3}))
+    _, s1 = train(tiny_cfg(tmp_path, **common, **{"train.stop_after": 3}))
     assert not s1["finished"] and s1["final_metrics"]["step"] == 3
-    _, s2 = train(_cfg(tmp_path, **common))
-    assert s2["finished"]
-    resumed = _train_lines(s2["run_dir"])
+    stopped = read_metrics(s1["run_dir"])
+    _, s2 = train(tiny_cfg(tmp_path, **common))
+    assert s2["finished"] and s2["final_metrics"]["step"] == 6
+    every = read_metrics(s2["run_dir"])
+    assert every[:len(stopped)] == stopped  # the baseline line and steps 1-3, untouched
+    assert [m["step"] for m in every] == [0, 1, 2, 3, 4, 5, 6]  # nothing repeated, nothing lost
+    resumed = train_lines(s2["run_dir"])
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    # the data position continued: every step ends at the micro-batch the straight run's did
+    assert [m["ranks_micro_batches"] for m in resumed] == [m["ranks_micro_batches"] for m in straight]
     # token budget: the step count the workers counted is met, with the same forwards on
     # both ranks, and the steps really hold different numbers of pairs
     assert all(m["total_steps"] == 6 and len(set(m["ranks_micro_batches"])) == 1 for m in resumed)
@@ -66,41 +70,50 @@ def test_stop_and_resume_reproduce_the_uninterrupted_losses(straight, tmp_path):
     ckpt6 = Path(s2["run_dir"]) / "checkpoint_000006" / "deepspeed"
     shard = sorted(ckpt6.glob("*optim_states.pt"))[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    _, s3 = train(_cfg(tmp_path, **common))
-    again = _train_lines(s3["run_dir"])[6:]
+    _, s3 = train(tiny_cfg(tmp_path, **common))
+    again = train_lines(s3["run_dir"])[6:]
     assert [m["step"] for m in again] == [4, 5, 6]
     for a, b in zip(straight[3:], again):  # same numbers: same data position, RNG, optimizer
         assert math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6)
 
 
-def test_poisoned_losses_are_skipped_and_counted(ray_local, tmp_path, monkeypatch):
-    from simpo_ray.train import train
-
-    monkeypatch.setenv("SIMPO_RAY_INJECT_NAN", "0:3,0:4")
-    _, s = train(_cfg(tmp_path, **{"train.max_steps": 4, "output.name": "nan", "output.export": "false"}))
-    lines = _train_lines(s["run_dir"])
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert all(math.isfinite(m["loss"]) for m in lines)
-    assert lines[-1]["skipped_micro_batches"] == 2
-    # the two dropped micro-batches were replaced by the next ones
-    assert lines[-1]["ranks_micro_batches"] == [4 * 2 + 2] * 2
-
-
-def test_consecutive_bad_steps_stop_the_run_with_a_diagnostic(ray_local, tmp_path, monkeypatch):
-    from simpo_ray.train import train
-
-    monkeypatch.setenv("SIMPO_RAY_INJECT_NAN", "0:1,0:2,0:3")
+def test_poisoned_losses_are_skipped_counted_and_a_streak_stops_the_run(tiny_run, tmp_path, monkeypatch):
+    """Packed rows (the same pairs per micro-batch as the padded ``tiny_run``). Micro-batches
+    3 and 4 of epoch 0 (1-based) are poisoned: dropped on both ranks, counted, replaced by
+    the next ones. Micro-batches 15-17 are poisoned in a row: with train.max_bad_steps=3
+    the run stops there (after step 6) with a diagnostic."""
+    monkeypatch.setenv("SIMPO_RAY_INJECT_NAN", "0:3,0:4,0:15,0:16,0:17")
     with pytest.raises(Exception) as e:
-        train(_cfg(tmp_path, **{"train.max_steps": 4, "output.name": "nan3", "train.max_bad_steps": 3,
-                                "train.max_failures": 0, "output.export": "false"}))
+        fit(tmp_path, **{"data.packing": "true", "train.max_steps": 8, "output.name": "nan",
+                         "train.max_bad_steps": 3, "train.max_failures": 0, "output.export": "false"})
     assert "3 consecutive non-finite" in str(e.value)
+    assert "at step 6, epoch 0, micro-batch 17" in str(e.value)
+    lines = train_lines(tmp_path / "nan")
+    assert [m["step"] for m in lines[:4]] == [1, 2, 3, 4]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    assert lines[3]["skipped_micro_batches"] == 2
+    # the two dropped micro-batches were replaced by the next ones
+    assert lines[3]["ranks_micro_batches"] == [4 * 2 + 2] * 2
+
+    # Padding-free packing: same pairs in the same order, so the first step's loss (computed
+    # before any update, and before the poisoned micro-batches) equals the padded run's.
+    padded, packed = tiny_run[3][1], lines[0]
+    assert packed["step"] == padded["step"] == 1
+    assert math.isclose(packed["loss"], padded["loss"], rel_tol=1e-5)
+    assert math.isclose(packed["rewards/margins"], padded["rewards/margins"], rel_tol=1e-4, abs_tol=1e-5)
+    assert packed["data/dropped_total"] == 0
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
+    """On lenient data with hostile rows (tests/unit/test_hostile.py): they are dropped,
+    counted per reason in the summary and in every metrics line, before and after the
+    restart, and training runs on the rest."""
     from simpo_ray.train import train
 
-    cfg = _cfg(tmp_path, **{"train.max_steps": 14, "output.name": "kill", "train.checkpoint_every": 2,
-                            "output.export": "false", "train.max_failures": 1})
+    rows, _ = write_hostile(tmp_path)
+    cfg = tiny_cfg(tmp_path, **{"train.max_steps": 14, "output.name": "kill", "train.checkpoint_every": 2,
+                                "output.export": "false", "train.max_failures": 1,
+                                "data.train_files": f"[{BUNDLED}, {rows}]", "data.strict": "false"})
     run_dir = Path(cfg.output.run_dir)
     out = {}
     th = threading.Thread(target=lambda: out.update(summary=train(cfg)[1]), daemon=True)
@@ -109,16 +122,20 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tmp_path):
     killed_after = None
     while time.time() < deadline and killed_after is None:
         time.sleep(0.05)
-        steps = [m["step"] for m in _train_lines(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+        steps = [m["step"] for m in train_lines(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
         if steps and steps[-1] >= 3:
             os.kill(int((run_dir / "workers" / "rank1.pid").read_text()), signal.SIGKILL)
             killed_after = steps[-1]
     assert killed_after is not None, "the run never reached step 3"
     th.join(timeout=300)
-    assert out["summary"]["finished"]
-    steps = [m["step"] for m in _train_lines(run_dir)]
+    assert out["summary"]["finished"] and out["summary"]["data"]["dropped"] == EXPECTED
+    lines = train_lines(run_dir)
+    for m in lines:
+        assert m["data/dropped_total"] == sum(EXPECTED.values())
+        assert all(m[f"data/dropped/{k}"] == v for k, v in EXPECTED.items())
+    steps = [m["step"] for m in lines]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    last_ckpt = [m["step"] for m in _lines(run_dir)[: restart + 1] if m.get("checkpoint")][-1]
+    last_ckpt = [m["step"] for m in read_metrics(run_dir)[: restart + 1] if m.get("checkpoint")][-1]
     assert steps[restart] == last_ckpt + 1  # continued right after the last checkpoint
     assert steps[:restart] == list(range(1, steps[restart - 1] + 1))
     assert steps[restart:] == list(range(last_ckpt + 1, 15))  # nothing lost after it
@@ -132,10 +149,8 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
     environment (hub token, tracking key) must appear in none of its outputs."""
     from tests.conftest import REPO
 
-    args = [sys.executable, "-m", "simpo_ray.cli", "train", os.path.join(REPO, "examples", "tiny_cpu.yaml"),
-            f"output.root={tmp_path}", "output.name=term", "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
-            "model.tiny.num_heads=2", "model.tiny.intermediate_size=128", "train.max_steps=60",
-            "train.log_every=1", "train.checkpoint_every=50", "output.export=false", "ray.num_cpus=4"]
+    args = cli_train(tmp_path, "term", *SMALL_MODEL, "train.max_steps=60", "train.log_every=1",
+                     "train.checkpoint_every=50")
     run_dir = tmp_path / "term"
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", HF_TOKEN=SECRET, WANDB_API_KEY=SECRET))
@@ -143,7 +158,7 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            if (run_dir / "metrics.jsonl").exists() and len(_train_lines(run_dir)) >= 2:
+            if (run_dir / "metrics.jsonl").exists() and len(train_lines(run_dir)) >= 2:
                 break
         assert proc.poll() is None, proc.communicate()[0][-3000:]  # it must still be training
         proc.send_signal(signal.SIGTERM)
@@ -152,7 +167,7 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
         proc.kill()
     assert proc.returncode == 0, output[-3000:]
     assert "stopped early" in output
-    lines = _train_lines(run_dir)
+    lines = train_lines(run_dir)
     assert lines[-1]["step"] < 60 and lines[-1].get("checkpoint")
     assert json.loads((run_dir / "summary.json").read_text())["finished"] is False
     assert SECRET not in output
