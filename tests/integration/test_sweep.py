@@ -1,5 +1,6 @@
-"""A real Ray Tune sweep over Ray Train on CPU: the tiny sweep in tune/ (4 trials, one
-ZeRO-3 worker each, 2 at once), run through the command line with its own private Ray.
+"""A real Ray Tune sweep over Ray Train on CPU: the tiny sweep in tune/ cut to 3 trials of
+6 steps (one ZeRO-3 worker each, 2 at once), run through the command line with its own
+private Ray.
 
 The driver is killed mid-sweep (SIGKILL, with its local cluster) once a trial has a
 checkpoint; the same command is run again and must resume the experiment, not start
@@ -25,14 +26,18 @@ SWEEP = os.path.join(REPO, "tune", "tiny_cpu.yaml")
 NAME = "tiny-cpu"
 
 
-# The tiny sweep's grid with its slowest learner swapped for an lr that blows up at
-# once: that trial's workers stop on non-finite losses and the table marks it diverged.
-LRS = [3.0e-3, 1.0e-3, 1.0e-5, 1.0e+30]
+# Three of the tiny sweep's lrs, in the order the trials start (2 at once): a learner;
+# an lr that blows up at once (that trial's workers stop on non-finite losses and the table
+# marks it diverged); then a run that barely moves, which starts once the diverged one has
+# ended, so ASHA meets it at each rung after the learner's result is recorded there.
+LRS = [3.0e-3, 1.0e+30, 1.0e-5]
+STEPS = 6  # rungs at 2 and 4 (grace period 2, reduction factor 2)
 
 
 def _cmd(storage):
     return [sys.executable, "-m", "simpo_ray.cli", "tune", SWEEP, f"storage={storage}",
-            f"search_space.optim.lr={{grid: {LRS}}}", "train.max_bad_steps=1", "train.max_failures=0"]
+            f"search_space.optim.lr={{grid: {LRS}}}", f"train.max_steps={STEPS}", "train.max_bad_steps=1",
+            "train.max_failures=0"]
 
 
 def _env():
@@ -78,7 +83,7 @@ def sweep(tmp_path_factory):
         first = subprocess.Popen(_cmd(storage), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 400
-            # Interrupt once a trial has checkpointed step 4 of 8: it is mid-run, and its
+            # Interrupt once a trial has checkpointed step 4 of 6: it is mid-run, and its
             # step-2 checkpoint is surely registered. Tune saved its state when it started.
             while not any(m.get("step", 0) >= 4 and m.get("checkpoint")
                           for ms in _reports(exp).values() for m in ms):
@@ -99,7 +104,7 @@ def sweep(tmp_path_factory):
 def test_interrupted_sweep_resumes(sweep):
     before, after, rows = sweep["before"], sweep["after"], sweep["rows"]
     assert "resuming sweep" in sweep["out"]
-    assert len(rows) == 4 and set(after) == {r["trial_id"] for r in rows}  # no trial started twice
+    assert len(rows) == len(LRS) and set(after) == {r["trial_id"] for r in rows}  # no trial started twice
     assert set(before) <= set(after)  # every trial keeps its id
     resumed = []
     for tid, old in before.items():
