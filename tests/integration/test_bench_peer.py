@@ -1,6 +1,6 @@
 """Smoke runs of benchmarks/peer.py (simpo-ray vs TRL's SimPO) and
 benchmarks/simpo_vs_dpo.py: correctness only (same loss on the first batch, finite
-positive ratios), never timing."""
+positive ratios), never timing. In-process and in subprocesses, no Ray: not marked slow."""
 
 import importlib.util
 import json
@@ -9,11 +9,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
-
-pytestmark = pytest.mark.slow
 
 BENCH = os.path.join(REPO, "benchmarks")
 

@@ -26,7 +26,8 @@ import pytest
 from simpo_ray.config import RunConfig
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# The two in-process tests need no Ray (not slow); the two pipeline tests start Ray actors.
+pytestmark = pytest.mark.timeout(600)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # The pipeline and the rounds do not depend on the backend: the real engine where it is
@@ -105,6 +106,7 @@ def test_reward_scorer_batches_without_changing_scores():
     assert short.score(items)["truncated"] > 0
 
 
+@pytest.mark.slow
 def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_path, prompt_files, capsys):
     """One generator on the prompts in file order, two generators on them shuffled in
     smaller batches: the same samples and pairs per prompt id. Reruns: resources may
@@ -178,6 +180,7 @@ def test_pairs_are_keyed_by_prompt_id_across_actors_and_orders(ray_local, tmp_pa
     assert "generate.temperature" in err and "other settings" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_two_iterate_rounds_hand_the_weights_on(ray_local, tmp_path, prompt_files):
     import ray
 
