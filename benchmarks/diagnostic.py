@@ -139,6 +139,7 @@ def fit(cfg, prepared=None) -> dict:
     runs it. Otherwise ``simpo_ray.train.fit`` on the data ``simpo_ray.train.prepare``
     made once (tokenized pairs, plus reference log-probs for DPO), as the sweep does for
     its trials: the same workers, without re-reading and re-tokenizing the data for every lr."""
+    from simpo_ray.metrics import read_reports
     from simpo_ray.train import fit as train_fit
     from simpo_ray.train import train
 
@@ -148,8 +149,7 @@ def fit(cfg, prepared=None) -> dict:
     _, summary = train(cfg) if prepared is None else train_fit(cfg, prepared)
     if not summary["finished"]:
         raise RuntimeError(f"run {cfg.output.name} did not finish: {summary}")
-    with open(run_dir / "metrics.jsonl") as f:
-        reports = [json.loads(line) for line in f]
+    reports = read_reports(run_dir / "metrics.jsonl")
     fit_s = round(time.time() - t0, 1)
     print(f"[diagnostic] {cfg.output.name}: {cfg.train.max_steps} steps in {fit_s:.0f} s", flush=True)
     return {"summary": summary, "reports": reports, "export": summary["export_dir"], "fit_s": fit_s}

@@ -115,8 +115,9 @@ def main(argv=None) -> int:
     if proc.returncode:
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         return proc.returncode
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    lines = [m for m in lines if "loss" in m]
+    from simpo_ray.metrics import read_reports
+
+    lines = [m for m in read_reports(run_dir / "metrics.jsonl") if "loss" in m]
     res = rss_growth(lines, args.warmup, args.window)
     res.update(steps=lines[-1]["step"], checkpoints=sum(bool(m.get("checkpoint")) for m in lines),
                wall_s=round(wall, 1), loadavg_before=load_before, loadavg_after=load_after,

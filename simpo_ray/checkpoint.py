@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -93,7 +92,8 @@ def _candidates(latest):
 
 
 def restore(engine) -> dict | None:
-    """Load the newest whole checkpoint into the engine; returns its saved state or None.
+    """Load the newest whole checkpoint into the engine; returns its saved state or None
+    (after a fallback to an older one, with its ``lineage`` counted up).
 
     A checkpoint that fails verification on any rank is skipped with a warning naming
     it, and the next older one is tried. Collective: every rank must call it.
@@ -124,9 +124,12 @@ def restore(engine) -> dict | None:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-            if ckpt is not latest and rank == 0:
-                print(f"[simpo-ray] resumed from {ckpt.path} instead of the damaged latest", flush=True)
-            return client["simpo"]
+            saved = client["simpo"]
+            if ckpt is not latest:  # a new lineage: its checkpoints get names of their own
+                saved = dict(saved, lineage=saved.get("lineage", 0) + 1)
+                if rank == 0:
+                    print(f"[simpo-ray] resumed from {ckpt.path} instead of the damaged latest", flush=True)
+            return saved
     raise RuntimeError(f"no whole checkpoint found at or before {latest.path}; "
                        "delete the run folder to start over")
 
@@ -154,41 +157,13 @@ def gather_state_dict(engine) -> dict | None:
     return None
 
 
-def model_card(cfg_dict: dict, stats: dict, metrics: dict) -> str:
-    import yaml
-
-    lines = [
-        "# SimPO model trained with simpo-ray", "",
-        f"- loss: {cfg_dict['simpo']['loss']}, beta {cfg_dict['simpo']['beta']}, "
-        f"gamma {stats.get('gamma')}, gamma_beta_ratio {stats.get('gamma_beta_ratio')}",
-        f"- base model: {cfg_dict['model']['name_or_path']}",
-        f"- trust_remote_code: {cfg_dict['model']['trust_remote_code']}",
-        f"- data fingerprint: {stats.get('fingerprint')} ({stats.get('train_pairs')} train pairs, "
-        f"{stats.get('eval_pairs')} eval pairs)",
-        f"- steps: {metrics.get('step')}",
-        "", "## Final metrics", "", "```json", json.dumps(metrics, indent=1, sort_keys=True), "```",
-        "", "## Resolved config", "", "```yaml", yaml.safe_dump(cfg_dict, sort_keys=False).rstrip(), "```", "",
-    ]
-    return "\n".join(lines)
-
-
 def export(engine, model_path: str, dest: str, card: str) -> str | None:
-    """Gather and write a Hugging Face folder at ``dest`` (rank 0). Written to a temp
-    folder first and moved into place, so a half-written export never looks complete."""
-    from transformers import AutoTokenizer
+    """Gather the live weights (collective: every rank calls) and write a Hugging Face
+    folder at ``dest`` on rank 0 (``export.write_folder``, the same writer as
+    ``simpo-ray export``)."""
+    from simpo_ray.export import write_folder
 
     state = gather_state_dict(engine)
     if engine.global_rank != 0:
         return None
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=dest.parent))
-    module = engine.module.lm
-    module.config.use_cache = True  # training turned it off; generation wants it
-    module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
-    (tmp / "README.md").write_text(card)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return str(dest)
+    return write_folder(engine.module.lm, state, model_path, dest, card)

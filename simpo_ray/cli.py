@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from simpo_ray.config import ConfigError, RunConfig
 
@@ -28,7 +29,7 @@ def _train(args) -> int:
         return 0
     from simpo_ray.train import train
 
-    result, summary = train(cfg)
+    result, summary = train(cfg, allow_config_change=args.allow_config_change)
     m = summary["final_metrics"] or {}
     keys = ("step", "loss", "rewards/accuracies", "eval/rewards/accuracies", "rewards/margins", "eval/loss")
     verb = "done" if summary["finished"] else "stopped early (rerun to continue)"
@@ -100,6 +101,18 @@ def _generate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from simpo_ray.export import ExportError, export_run
+
+    try:
+        out = export_run(args.run_dir, checkpoint=args.checkpoint, out=args.out)
+    except ExportError as e:
+        print(f"simpo-ray: {e}", file=sys.stderr)
+        return 1
+    print(f"[simpo-ray] exported {Path(out['checkpoint']).name} (step {out['step']}) to {out['out']}")
+    return 0
+
+
 def _config_parent(config_help: str, overrides_help: str, address: bool = True, dry_run: bool = True):
     """The arguments every config-driven command shares: CONFIG, key=value overrides,
     --address, --dry-run (one definition, so they read and behave the same everywhere)."""
@@ -127,7 +140,11 @@ def main(argv=None) -> int:
                 "(simpo.loss is set to sft)."),
     }
     for name, (help_text, description) in runs.items():
-        sub.add_parser(name, help=help_text, description=description, parents=[run]).set_defaults(fn=_train)
+        tp = sub.add_parser(name, help=help_text, description=description, parents=[run])
+        tp.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run whose config changed (the differences are recorded in the run "
+                             "folder's config_changes.jsonl and the model card); without it such a rerun stops")
+        tp.set_defaults(fn=_train)
     s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (ASHA) over training runs",
                        description="Run the sweep file (see tune/); key=value overrides set sweep fields "
                                    "(num_samples=4, scheduler.grace_period=2, search_space.optim.lr=...) or, "
@@ -196,6 +213,15 @@ def main(argv=None) -> int:
         if name == "iterate":
             gp.add_argument("--rounds", type=int, help="number of rounds (default: generate.rounds)")
         gp.set_defaults(fn=_generate)
+    ex = sub.add_parser("export", help="a Hugging Face folder from any checkpoint of a run (latest by default)",
+                        description="Consolidate a checkpoint of RUN_DIR (the newest whole one, or --checkpoint) "
+                                    "offline from its DeepSpeed shards into a Hugging Face folder: safetensors in "
+                                    "model.dtype, the tokenizer and the model card, as the end-of-run export "
+                                    "writes. Needs no Ray cluster; a damaged checkpoint is named and skipped.")
+    ex.add_argument("run_dir", help="the run folder (output.root/output.name; holds config.yaml)")
+    ex.add_argument("--checkpoint", help="e.g. checkpoint_000020 (default: the newest whole one)")
+    ex.add_argument("--out", help="destination folder (default: RUN_DIR/export/CHECKPOINT)")
+    ex.set_defaults(fn=_export)
     args = p.parse_args(argv)
     from simpo_ray.sources import DataError
 

@@ -54,6 +54,12 @@ HOOKS = {
     "ray.tune.schedulers.ASHAScheduler._trial_info/_metric_op": Hook(
         "ray", "simpo_ray/sweep.py resumable_asha",
         "replays recorded reports into a trial's bracket after Tuner.restore (Tune saves no scheduler state)"),
+    "ray.train.torch.config._TorchBackend/_setup_torch_process_group/_set_torch_distributed_env_vars": Hook(
+        "ray", "simpo_ray/pgroup.py LoopbackBackend",
+        "Ray's own process-group setup, started after rank 0 opened the TCPStore on 127.0.0.1"),
+    "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME": Hook(
+        "ray", "simpo_ray/pgroup.py _loopback_env (read by gloo and NCCL inside torch)",
+        "the transports' listeners on the loopback interface for a private cluster"),
     "datasets.Dataset._fingerprint": Hook(
         "datasets", "simpo_ray/sources.py fingerprint", "what identifies a hub dataset's content"),
     "vllm worker.reload_weights(weights_path=)": Hook(

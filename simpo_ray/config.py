@@ -22,8 +22,9 @@ import yaml
 
 # The sections RunConfig holds; TinyModelConfig and RewardConfig (held by those) and
 # ConfigError are re-exported so ``from simpo_ray.config import X`` works for all of them.
-from simpo_ray.sections import (ConfigError, DataConfig, DeepSpeedConfig, GenerateConfig, ModelConfig, OptimConfig,
-                                OutputConfig, RayConfig, RewardConfig, SimPOConfig, TinyModelConfig, TrainConfig)
+from simpo_ray.sections import (ConfigError, DataConfig, DeepSpeedConfig, ModelConfig, OptimConfig, OutputConfig,
+                                RayConfig, SimPOConfig, TinyModelConfig, TrainConfig)
+from simpo_ray.sections_generate import GenerateConfig, RewardConfig
 
 __all__ = ["OBJECTIVE", "ConfigError", "RunConfig", "TinyModelConfig", "ModelConfig", "DataConfig", "SimPOConfig",
            "OptimConfig", "TrainConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig", "RewardConfig",
@@ -146,11 +147,14 @@ def apply_overrides(data: dict, overrides: list) -> dict:
     return merged(data, dict(parse_override(item) for item in overrides))
 
 
-def check_rerun(path: Union[str, Path], now: dict, what: str, free: tuple = ()) -> None:
+def check_rerun(path: Union[str, Path], now: dict, what: str, free: tuple = (), *, allow: bool = False,
+                hint: str = "rerun unchanged to resume, or choose another name or output folder") -> list:
     """The one rerun check: ``path`` (JSON) records the settings a folder's results were
     made with. A rerun with other settings is refused with a ConfigError naming the
-    dotted fields that differ; fields in ``free`` (dotted prefixes) may change. The
-    first run writes the record."""
+    dotted fields that differ, with their old and new values; fields in ``free``
+    (dotted prefixes) may change. ``allow``: accept the change instead, update the
+    record and return the differences ("field: old -> new"). The first run writes
+    the record. Returns [] when nothing changed."""
     import json
 
     path = Path(path)
@@ -161,15 +165,26 @@ def check_rerun(path: Union[str, Path], now: dict, what: str, free: tuple = ()) 
         except ValueError as e:
             raise ConfigError("<rerun>", f"{path} is unreadable ({e}); remove it to start over") from None
         before = _without(before, free)
-        if before != now:
-            diff = sorted(_diff(before, now))
-            raise ConfigError(diff[0] if diff else "<rerun>",
-                              f"{path.parent} holds {what} made with other settings "
-                              f"({', '.join(diff)} differ); rerun unchanged to resume, "
-                              "or choose another name or output folder")
-        return
+        if before == now:
+            return []
+        keys = sorted(_diff(before, now))
+        diff = [f"{k}: {_get(before, k)!r} -> {_get(now, k)!r}" for k in keys]
+        if not allow:
+            raise ConfigError(keys[0] if keys else "<rerun>",
+                              f"{path.parent} holds {what} made with other settings ({'; '.join(diff)}); {hint}")
+    else:
+        diff = []
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(now, indent=1, sort_keys=True))
+    return diff
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
 
 
 def _without(d: dict, free: tuple, prefix: str = "") -> dict:

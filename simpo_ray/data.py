@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from simpo_ray.rows import (NON_FATAL, NON_JSON_TAG, UNREADABLE, process_row, prompt_group, row_options, split_of,
-                            stratified_eval_groups)
+from simpo_ray.rows import (NON_FATAL, NON_JSON_TAG, UNREADABLE, Duplicates, process_row, prompt_group, row_options,
+                            split_of, stratified_eval_groups)
 from simpo_ray.sources import DataError, RowError, expand_files, fingerprint, iter_file_rows
 
 KEEP = ["prompt_ids", "chosen_ids", "rejected_ids", "source", "row"]
@@ -68,7 +68,7 @@ class Tokenize:
     """map_batches UDF (an actor: the tokenizer loads once). Raw rows -> triplets."""
 
     COLUMNS = ("source", "row", "error", "reason", "split", "group", "resp_len",
-               "prompt_ids", "chosen_ids", "rejected_ids", "truncated", "notes")
+               "prompt_ids", "chosen_ids", "rejected_ids", "truncated", "notes", "pair_key")
 
     def __init__(self, name_or_path: str, tiny_spec: dict, options: dict, seed: int, eval_fraction: float):
         """``options``: ``rows.row_options`` of the data config (the model's vocabulary
@@ -105,6 +105,7 @@ class Tokenize:
             out["resp_len"].append(len(trip["chosen_ids"]) + len(trip["rejected_ids"]) if trip else 0)
             out["truncated"].append(bool(trip and trip["truncated"]))
             out["notes"].append(",".join(trip["notes"]) if trip else "")
+            out["pair_key"].append(trip["pair_key"] if trip else "")
         return out
 
 
@@ -192,9 +193,14 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     for part in parts:
         bad = part.filter(expr=col("error") != "").select_columns(["source", "row", "error", "reason"])
         errors += [(r["source"], r["row"], r["error"], r["reason"]) for r in bad.take_all()]
+    repeats = duplicate_rows(tokenized) if d.dedup else []
+    errors += repeats
     dropped = summarize_errors(errors, strict=d.strict)
 
     good = tokenized.filter(expr=col("error") == "")
+    if repeats:
+        good = good.map_batches(_drop_rows, batch_format="pyarrow",
+                                fn_kwargs={"rows": [f"{src}\0{n}" for src, n, *_ in repeats]})
     split_rule = "separate files" if eval_files else "seeded hash of the prompt"
     if d.eval_stratify and fraction > 0:
         cols = {"group": [], "resp_len": []}
@@ -226,7 +232,8 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                 "seed": d.seed, "eval_fraction": fraction, "tokenizer": _tokenizer_hash(tokenizer_path),
                 "column_map": dict(sorted(d.column_map.items())), "eval_stratify": d.eval_stratify,
-                "add_bos": d.add_bos, "allow_special_tokens_in_text": d.allow_special_tokens_in_text}
+                "add_bos": d.add_bos, "allow_special_tokens_in_text": d.allow_special_tokens_in_text,
+                "dedup": d.dedup, "drop_ties": d.drop_ties}
     return {
         "train": train, "eval": eval_ds if n_eval else None,
         "stats": {"train_pairs": n_train, "eval_pairs": n_eval, "dropped": dropped,
@@ -235,6 +242,30 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
                   **({"mean_pair_tokens": mean_pair_tokens} if mean_pair_tokens else {}),
                   "fingerprint": fingerprint(files + eval_files, settings)},
     }
+
+
+def duplicate_rows(ds) -> list:
+    """(source, row, message, DUPLICATE) for every well-formed row whose pair already came
+    earlier in file order (``rows.Duplicates``); only the keys travel to the driver."""
+    from ray.data.expressions import col
+
+    seen, out = Duplicates(), []
+    keys = ds.filter(expr=col("error") == "").select_columns(["source", "row", "pair_key"])
+    for b in keys.iter_batches(batch_size=8192, batch_format="numpy"):
+        for src, n, key in zip(b["source"], b["row"], b["pair_key"]):
+            e = seen.check(str(key), str(src), int(n))
+            if e is not None:
+                out.append((str(src), int(n), str(e), e.reason))
+    return out
+
+
+def _drop_rows(table, rows: list):
+    """map_batches UDF (pyarrow): without the rows named ``source\\0row``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = pc.binary_join_element_wise(table["source"], pc.cast(table["row"], pa.string()), "\0")
+    return table.filter(pc.invert(pc.is_in(names, value_set=pa.array(rows, type=pa.string()))))
 
 
 def _mean_pair_tokens(ds) -> float:

@@ -33,14 +33,28 @@ class GeneratorSettings(_Boundary):
     trust_remote_code: bool = False
     # Extra vLLM LLM(...) arguments (the transformers backend has no engine).
     engine_kwargs: dict = field(default_factory=dict)
+    # Generation stops at these ids: the end-of-turn token training ends completions
+    # with, and the tokenizer's EOS (tokens.Streams.stop_ids), besides the model's own.
+    stop_token_ids: list = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg) -> "GeneratorSettings":
+    def from_config(cls, cfg, stop_token_ids=()) -> "GeneratorSettings":
         g = cfg.generate
         return cls(backend=g.backend, num_samples=g.num_samples, temperature=g.temperature, top_p=g.top_p,
                    max_tokens=g.max_tokens, seed=g.seed, dtype=g.dtype or cfg.model.dtype,
                    tensor_parallel_size=g.tensor_parallel_size, use_gpu=g.use_gpu,
-                   trust_remote_code=cfg.model.trust_remote_code, engine_kwargs=dict(g.engine_kwargs))
+                   trust_remote_code=cfg.model.trust_remote_code, engine_kwargs=dict(g.engine_kwargs),
+                   stop_token_ids=[int(t) for t in stop_token_ids])
+
+
+def stop_token_ids(cfg, tokenizer_path: str) -> list[int]:
+    """The ids generation stops at for this config's token policy (what completions end with)."""
+    from transformers import AutoTokenizer
+
+    from simpo_ray.tokens import streams_for
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    return streams_for(tok, cfg.data.add_bos, cfg.data.allow_special_tokens_in_text).stop_ids()
 
 
 class VLLMBackend:
@@ -76,7 +90,8 @@ class VLLMBackend:
                 keys.append((p["prompt_id"], j, seed))
                 prompts.append(TokensPrompt(prompt_token_ids=list(p["prompt_ids"])))
                 params.append(SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
-                                             max_tokens=s.max_tokens, seed=seed))
+                                             max_tokens=s.max_tokens, seed=seed,
+                                             stop_token_ids=list(s.stop_token_ids)))
         outs = self.llm.generate(prompts, params, use_tqdm=False)  # outputs in request order
         by_prompt: dict = {p["prompt_id"]: [] for p in batch}
         for (pid, j, seed), o in zip(keys, outs):
@@ -113,6 +128,7 @@ class TransformersBackend:
             use_safetensors=True).to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tok.eos_token_id])
+        self.eos |= set(s.stop_token_ids)
 
     def generate(self, batch: list[dict], round_index: int) -> list[dict]:
         import torch
@@ -127,7 +143,7 @@ class TransformersBackend:
                 seqs = self.model.generate(
                     ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=s.temperature,
                     top_p=s.top_p, top_k=0, max_new_tokens=s.max_tokens,
-                    num_return_sequences=s.num_samples, pad_token_id=pad)
+                    num_return_sequences=s.num_samples, pad_token_id=pad, eos_token_id=sorted(self.eos))
             samples = []
             for j, row in enumerate(seqs[:, ids.shape[1]:].tolist()):
                 stop = next((i for i, t in enumerate(row) if t in self.eos), None)
@@ -175,7 +191,7 @@ def start_generators(cfg, policy_path: str) -> list:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     g = cfg.generate
-    settings = GeneratorSettings.from_config(cfg).to_dict()
+    settings = GeneratorSettings.from_config(cfg, stop_token_ids(cfg, policy_path)).to_dict()
     bundle = {"CPU": g.cpus_per_generator, **({"GPU": 1} if g.use_gpu else {})}
     # In-process engine on CPU: start-up in seconds and no extra process pinning threads.
     env = {} if g.use_gpu else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from simpo_ray.data import model_vocab_size
-from simpo_ray.rows import NON_FATAL, process_row, row_options
+from simpo_ray.rows import NON_FATAL, Duplicates, process_row, row_options
 from simpo_ray.sources import RowError, expand_files, iter_file_rows
 from simpo_ray.tokens import streams_for
 
@@ -53,14 +53,18 @@ def inspect(cfg, tokenizer=None, show: int = 5) -> dict:
     """Scan every row of ``cfg.data``'s sources. Returns the report dict (JSON-able)."""
     d = cfg.data
     tokenizer, options = training_tokenizer(cfg, tokenizer)
-    sources = expand_files(d.train_files) + (expand_files(d.eval_files) if d.eval_files else [])
+    eval_sources = expand_files(d.eval_files) if d.eval_files else []
+    sources = expand_files(d.train_files) + eval_sources
     reasons: Counter = Counter()
     notes: Counter = Counter()
     offenders, rows_read, truncated, sample = [], 0, 0, None
     raw = {"prompt": [], "chosen": [], "rejected": []}
     kept = []  # (prompt, chosen, rejected) lengths after truncation
+    repeats = Duplicates() if d.dedup else None
     for src, n, t in scan(sources, tokenizer, options):
         rows_read += 1
+        if repeats is not None and not isinstance(t, RowError) and src not in eval_sources:
+            t = repeats.check(t["pair_key"], src, n) or t  # training's rule: the first one is kept
         if isinstance(t, RowError):
             reasons[t.reason] += 1
             offenders.append((src, n, str(t), t.reason))

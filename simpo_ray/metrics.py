@@ -114,3 +114,38 @@ def format_progress(m: dict, total_steps: int) -> str:
     elif "eval/loss" in m:
         parts.append(f"eval loss {m['eval/loss']:.4f}")
     return " | ".join(parts)
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+def read_reports(path) -> list:
+    """A run's ``metrics.jsonl`` in step order, one line per step: where a step was
+    reported by several attempts (a worker restart or a rerun redoes the steps after the
+    last checkpoint), the latest ``attempt``'s line. The one reader every consumer uses."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    by_step: dict = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            m = json.loads(line)
+            step, old = m.get("step", 0), by_step.get(m.get("step", 0))
+            if old is None or m.get("attempt", 0) >= old.get("attempt", 0):
+                by_step[step] = m
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def last_attempt(path) -> int:
+    """The highest ``attempt`` in a ``metrics.jsonl`` (0 when there is none)."""
+    return max((m.get("attempt", 0) for m in read_all(path)), default=0)
+
+
+def read_all(path) -> list:
+    """Every line of a ``metrics.jsonl``, superseded ones included, in file order."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []

@@ -26,9 +26,12 @@ BAD_CONVERSATION = "bad conversation"
 UNREADABLE = "unreadable file"
 # Not malformed input but a consequence of max_length: dropped and counted in both modes.
 TRUNCATED_SAME = "identical after truncation"
-NON_FATAL = frozenset({TRUNCATED_SAME})
+# Pair hygiene (data.drop_ties, data.dedup): well-formed rows that teach nothing or
+# teach the same thing twice; dropped and counted in both modes.
+TIE, DUPLICATE = "tie", "duplicate"
+NON_FATAL = frozenset({TRUNCATED_SAME, TIE, DUPLICATE})
 REASONS = (INVALID_UTF8, INVALID_JSON, NOT_OBJECT, MISSING, WRONG_TYPE, EMPTY, SAME, PROMPT_DIFFERS,
-           NON_TEXT, BAD_CONVERSATION, TOKENIZATION, TRUNCATED_SAME)
+           NON_TEXT, BAD_CONVERSATION, TOKENIZATION, TRUNCATED_SAME, TIE, DUPLICATE)
 FIELDS = ("prompt", "chosen", "rejected")
 
 # Values JSON has no type for (bytes, dates...) travel as a tag, so a bytes 'chosen'
@@ -145,15 +148,53 @@ def tokenize_triplet(tokenizer, turns, chosen: str, rejected: str, max_length: i
 
 def process_row(tokenizer, row: dict, *, max_length: int, max_prompt_length: int,
                 column_map: dict | None = None, vocab_size: int | None = None,
-                add_bos: str = "auto", allow_special_tokens_in_text: bool = False) -> tuple[list[dict], dict]:
+                add_bos: str = "auto", allow_special_tokens_in_text: bool = False,
+                drop_ties: bool = True) -> tuple[list[dict], dict]:
     """One raw row -> (prompt turns, triplet). The one code path that training
     (the Tokenize UDF) and ``data inspect`` share. ``vocab_size`` (the model's) bounds
-    the ids of pre-tokenized rows. Raises RowError."""
+    the ids of pre-tokenized rows. The triplet's ``pair_key`` identifies the pair up to
+    whitespace, case and invisible characters (``Duplicates``). Raises RowError."""
     turns, chosen, rejected = normalize_row(row, column_map)
+    if drop_ties and canonical(chosen) == canonical(rejected):
+        raise RowError("chosen and rejected differ only in whitespace, case or invisible characters", TIE)
     if all(row.get(k) is not None for k in IDS):
-        return turns, ids_triplet(row, max_length, max_prompt_length, vocab_size)
-    return turns, tokenize_triplet(tokenizer, turns, chosen, rejected, max_length, max_prompt_length,
-                                   add_bos, allow_special_tokens_in_text)
+        trip = ids_triplet(row, max_length, max_prompt_length, vocab_size)
+    else:
+        trip = tokenize_triplet(tokenizer, turns, chosen, rejected, max_length, max_prompt_length,
+                                add_bos, allow_special_tokens_in_text)
+    return turns, dict(trip, pair_key=pair_key(turns, chosen, rejected))
+
+
+def canonical(text: str) -> str:
+    """Text up to what a reader cannot see: Unicode NFKC (NBSP is a space), format
+    characters removed (zero-width space, joiners, BOM), case folded, whitespace runs
+    collapsed."""
+    import unicodedata
+
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
+    return " ".join(text.casefold().split())
+
+
+def pair_key(turns: list[dict], chosen: str, rejected: str) -> str:
+    """The pair's identity for de-duplication: its canonical prompt turns, chosen, rejected."""
+    canon = [[m["role"], canonical(m["content"])] for m in turns] + [canonical(chosen), canonical(rejected)]
+    return hashlib.sha256(json.dumps(canon, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+class Duplicates:
+    """The first occurrence of each pair key is kept; a later one (file order) is a
+    ``DUPLICATE`` naming the row it repeats. One rule for training and ``data inspect``."""
+
+    def __init__(self):
+        self.first: dict = {}
+
+    def check(self, key: str, source: str, row: int) -> RowError | None:
+        """Call once per row, in file order."""
+        if key not in self.first:
+            self.first[key] = (source, row)
+            return None
+        where = self.first[key]
+        return RowError(f"duplicate of {where[0]} row {where[1]} (same pair up to whitespace and case)", DUPLICATE)
 
 
 def row_options(d, vocab_size: int | None = None) -> dict:
@@ -161,7 +202,7 @@ def row_options(d, vocab_size: int | None = None) -> dict:
     ``data inspect`` and ``data tokens`` take them from (plain values: they cross Ray)."""
     return dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                 column_map=dict(d.column_map) or None, vocab_size=vocab_size, add_bos=d.add_bos,
-                allow_special_tokens_in_text=d.allow_special_tokens_in_text)
+                allow_special_tokens_in_text=d.allow_special_tokens_in_text, drop_ties=d.drop_ties)
 
 
 # ---------------------------------------------------------------- pre-tokenized rows

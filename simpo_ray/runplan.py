@@ -83,6 +83,17 @@ class TrainState(_Boundary):
     # The collapse alarm's reference: the first average chosen log-prob per key.
     chosen_logp_start: dict = field(default_factory=dict)
     alarm_printed: bool = False
+    # The latest value of every model metric reported (train and eval/): the model card's
+    # final metrics, for the end-of-run export and for any checkpoint exported later.
+    metrics: dict = field(default_factory=dict)
+    # Fallbacks past damaged checkpoints so far. The steps redone after one are saved
+    # under new names (``checkpoint_name``): Ray's registry still lists the damaged
+    # folders, and evicting such an entry deletes its path, a fresh folder of that name.
+    lineage: int = 0
+
+    @property
+    def checkpoint_name(self) -> str:
+        return f"checkpoint_{self.step:06d}" + (f".{self.lineage}" if self.lineage else "")
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from simpo_ray import tables
+from simpo_ray.metrics import read_reports
 from simpo_ray.config import RunConfig
 
 # Named sizes: a CPU ladder for CI and a GPU ladder (~0.4B-8.6B with the tiny byte
@@ -258,7 +259,7 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
               f"{steps} steps on {t.num_workers} workers", flush=True)
         load_before = os.getloadavg()[0]
         result, summary = fit(rcfg, prepared)
-        reports = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        reports = read_reports(Path(summary["run_dir"]) / "metrics.jsonl")
         row = summarize(label, scaled_dims(hidden, layers), shape, reports, rcfg, peak_tflops,
                         _folder_bytes(result.checkpoint))
         # Timings on a shared machine are only as good as its quiet: keep the load next to them.

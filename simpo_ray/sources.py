@@ -95,7 +95,14 @@ def expand_files(spec) -> list[str]:
                 raise DataError(f"{m}: unsupported file type (use {', '.join(READERS)}, "
                                 "a save_to_disk folder, or hf://owner/name)")
             out.append(m)
-    return out
+    seen, unique, twice = set(), [], []  # a source listed twice (a glob and its file) is read once
+    for src in out:
+        key = src if src.startswith(HUB_PREFIX) else os.path.realpath(src)
+        (twice if key in seen else unique).append(src)
+        seen.add(key)
+    if twice:
+        print(f"[simpo-ray] WARNING: data files listed more than once are read once: {', '.join(twice)}", flush=True)
+    return unique
 
 
 def _is_dataset_folder(path: str) -> bool:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Optional
 
 from simpo_ray.config import OBJECTIVE, ConfigError, check_rerun
-from simpo_ray.sweep_report import divergence, read_reports, report
+from simpo_ray.metrics import read_reports
+from simpo_ray.sweep_report import divergence, report
 from simpo_ray.sweep_spec import SweepSpec, base_config, concurrency, search_space, trial_config
 
 

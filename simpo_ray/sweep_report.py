@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from simpo_ray import tables
+from simpo_ray.metrics import read_reports
 from simpo_ray.config import OBJECTIVE, RunConfig
 from simpo_ray.sweep_spec import COLLAPSE_ALARM, SweepSpec, base_config, search_space, trial_config
 
@@ -75,19 +76,6 @@ def trial_rows(results, space_keys: list, total_steps_of, alarms=(COLLAPSE_ALARM
                     "checkpoint": r.get("checkpoint")})
         rows.append(row)
     return rows
-
-
-def read_reports(path: Path) -> list:
-    """A trial's reports in step order; a step reported again after a resume (redone
-    from the last checkpoint) keeps its latest line."""
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            m = json.loads(line)
-            by_step[m.get("step", 0)] = m
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def best_row(rows: list) -> Optional[dict]:

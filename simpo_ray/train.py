@@ -4,7 +4,7 @@
 ``fit(cfg, prepared, callbacks)`` runs one training run on it. ``train``, ``sft``,
 sweep trials, ``scale``, on-policy rounds and the benchmarks all go through ``fit``.
 
-Run folder (``output.root/output.name``): ``config.yaml`` (resolved), ``metrics.jsonl``
+Run folder (``output.root/output.name``): ``config.yaml`` (resolved), ``plan.json``, ``metrics.jsonl``
 (one line per report), Ray's ``checkpoint_*`` folders, ``model/`` (the export) and
 ``summary.json``. Rerunning with the same name resumes from the latest checkpoint.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from simpo_ray.config import RunConfig
+from simpo_ray.export import CHANGES_FILE, PLAN_FILE
 from simpo_ray.runplan import STOP_FILE, RunPlan
 
 
@@ -43,9 +44,8 @@ def init_ray(cfg: RunConfig, extra_cpus: float = 0) -> None:
     ctx.print_on_execution_start = False
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
+    if _joined(cfg):
+        ray.init(address=_joined(cfg))
         return
     t = cfg.train
     # Ray Data only gets CPUs that Train does not hold: declare a few more logical CPUs
@@ -72,6 +72,11 @@ def init_ray(cfg: RunConfig, extra_cpus: float = 0) -> None:
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, _node_ip_address="127.0.0.1")
+
+
+def _joined(cfg: RunConfig) -> Optional[str]:
+    """The address of the cluster a run joins; None: start a private local one."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _free_port() -> int:
@@ -143,18 +148,29 @@ def progress_callback(run_dir: str, total_steps: int):
     line per report, and a check that every rank has run the same micro-batches."""
     from ray.train.v2.api.callback import UserCallback
 
-    from simpo_ray.metrics import format_progress
+    from simpo_ray.metrics import format_progress, last_attempt
+
+    path = Path(run_dir) / "metrics.jsonl"
 
     class Progress(UserCallback):
+        # Every invocation and every worker-group restart is a new attempt: the steps it
+        # redoes after the last checkpoint supersede the earlier lines (metrics.read_reports).
+        attempt, restarted = last_attempt(path) + 1, False
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.restarted = True  # the next report comes from the restarted workers
+
         def after_report(self, run_context, metrics, checkpoint):
+            if self.restarted:
+                self.attempt, self.restarted = self.attempt + 1, False
             m = dict(metrics[0])
             m["ranks_micro_batches"] = [r.get("rank_micro_batches") for r in metrics]
             m.pop("rank_micro_batches", None)
-            m["time"] = time.time()
+            m["attempt"], m["time"] = self.attempt, time.time()
             total = m.get("total_steps", total_steps)
             if checkpoint is not None:
                 m["checkpoint"] = checkpoint.path
-            with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+            with open(path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             print("[simpo-ray] " + format_progress(m, total), flush=True)
 
@@ -195,8 +211,40 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg=cfg, datasets=datasets, plan=plan, stats=stats, model_path=model_path)
 
 
+# Fields a resumed run may change: where the run is and how often it logs, evaluates,
+# checkpoints or retries, not what its checkpoints' trajectory means. max_steps is not
+# among them (it changes the schedule), nor is the batch layout.
+RUN_FREE = ("output.root", "output.name", "output.storage", "output.export", "output.keep_checkpoints", "ray",
+            "generate", "train.stop_after", "train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.max_failures", "train.max_bad_steps", "train.cpus_per_worker", "model.gradient_checkpointing",
+            "model.logps_chunk_size")
+RUN_RECORD = "run_config.json"  # the config the run's checkpoints were made with
+
+
+def check_run_identity(cfg: RunConfig, run_dir: Path, allow: bool = False) -> list:
+    """A run with checkpoints resumes only under the config it was made with (up to
+    ``RUN_FREE``): otherwise a ConfigError with the differences, before any worker.
+    ``allow`` (``--allow-config-change``): resume anyway; the differences are appended
+    to ``config_changes.jsonl`` (the model card lists them) and returned."""
+    from simpo_ray.config import check_rerun
+    from simpo_ray.metrics import read_all
+
+    record = run_dir / RUN_RECORD
+    if not any(m.get("checkpoint") for m in read_all(run_dir / "metrics.jsonl")):
+        record.unlink(missing_ok=True)  # nothing to resume: this config starts the run
+    changes = check_rerun(record, cfg.to_dict(), "a training run", RUN_FREE, allow=allow, hint=(
+        "rerun unchanged to resume, add --allow-config-change to resume under the new settings "
+        "(recorded in the run folder and the model card), or choose another output.name"))
+    if changes:
+        with open(run_dir / CHANGES_FILE, "a") as f:
+            f.write(json.dumps({"time": time.time(), "changes": changes}) + "\n")
+        print("[simpo-ray] WARNING: resuming under a changed config (--allow-config-change): "
+              + "; ".join(changes), flush=True)
+    return changes
+
+
 def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str] = None,
-        storage: Optional[str] = None):
+        storage: Optional[str] = None, allow_config_change: bool = False):
     """One training run (or its resume) of ``cfg`` on prepared data: the only place a
     ``TorchTrainer`` is built. N DeepSpeed workers over gloo (CPU) or NCCL (GPU).
 
@@ -204,20 +252,24 @@ def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str]
     parent, and ``output.name``), so rerunning the same name resumes from its latest
     checkpoint. The run folder (config, metrics.jsonl, summary) is ``storage/name`` when
     ``storage`` is given (a local path, as sweeps give it), else ``output.run_dir``.
-    ``callbacks``: Ray Train callbacks besides the progress line (e.g. Tune's).
+    ``callbacks``: Ray Train callbacks besides the progress line (e.g. Tune's). A rerun
+    that would resume under another config is refused (``check_run_identity``).
     Returns (ray Result, summary dict)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from simpo_ray.data import ingest_config
+    from simpo_ray.pgroup import on_loopback, torch_config
     from simpo_ray.worker import train_loop_per_worker
 
     run_dir = Path(storage) / name if storage and name else cfg.output.run_dir
     name, storage = name or cfg.output.name, storage or cfg.output.storage or str(cfg.output.run_dir.parent)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_identity(cfg, run_dir, allow_config_change)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request belongs to one invocation
     plan = prepared.plan_for(cfg, str(run_dir))
+    (run_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1, default=str))  # for `simpo-ray export`
     started, t = time.time(), cfg.train
     # Test hooks and caches (SIMPO_RAY_*) reach the workers as the driver has them.
     env = {k: v for k, v in os.environ.items() if k.startswith("SIMPO_RAY_")}
@@ -227,7 +279,7 @@ def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str]
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if t.use_gpu else "gloo", loopback=on_loopback()),
         datasets=prepared.datasets,
         dataset_config=ingest_config(),
         run_config=ray.train.RunConfig(
@@ -274,13 +326,15 @@ def graceful_stop(stop_file: Path):
             signal.signal(sig, handler)
 
 
-def train(cfg: RunConfig):
+def train(cfg: RunConfig, allow_config_change: bool = False):
     """Run (or resume) one training run. Returns (ray Result, summary dict)."""
     cfg.validate()
     started = time.time()
+    if cfg.output.run_dir.is_dir():  # refuse a changed config before the data is read
+        check_run_identity(cfg, cfg.output.run_dir, allow_config_change)
     prepared = prepare(cfg)
     print(f"[simpo-ray] run folder {cfg.output.run_dir}")
-    result, summary = fit(cfg, prepared)
+    result, summary = fit(cfg, prepared, allow_config_change=allow_config_change)
     summary["wall_s"] = round(time.time() - started, 1)
     (cfg.output.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return result, summary

@@ -15,6 +15,7 @@ import time
 
 from simpo_ray import budget, checkpoint, metrics
 from simpo_ray.config import RunConfig
+from simpo_ray.export import card_metrics, config_changes, model_card
 from simpo_ray.objective import LOSSES
 from simpo_ray.runplan import RunPlan, TrainState
 
@@ -64,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[simpo-ray] stopped at step {state.step} with a checkpoint; rerun the same command to continue")
         return
     if cfg.output.export:
-        card = checkpoint.model_card(cfg.to_dict(), plan.stats, {"step": state.step})
+        card = model_card(cfg, plan.stats, state.metrics, state.step, "end of training", config_changes(plan.run_dir))
         path = checkpoint.export(engine, model_path(cfg), plan.export_dir, card)
         if rank == 0:
             print(f"[simpo-ray] exported Hugging Face model to {path}")
@@ -279,7 +280,7 @@ def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, windo
     Collective (all-reduces): every rank calls it."""
     import torch.distributed as dist
 
-    report = {"step": state.step}
+    report = {"step": state.step, **plan.data_metrics}  # every line, the step-0 baseline too
     if window is not None:
         sums = dict(window.sums, tokens=float(window.tokens))
         total = metrics.all_reduce_sums(sums)
@@ -290,7 +291,7 @@ def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, windo
                       # Every rank ran for about the same wall time, so global tokens / seconds.
                       tokens_per_s=total["tokens"] / seconds,
                       step_time_s=seconds / max(state.step - window.first_step, 1), **memory_metrics())
-        report.update(plan.data_metrics, total_steps=plan.total_steps,
+        report.update(total_steps=plan.total_steps,
                       skipped_micro_batches=state.skipped_micro_batches, skipped_steps=int(engine.skipped_steps))
         if rank_micro is not None:
             report["rank_micro_batches"] = rank_micro
@@ -298,7 +299,7 @@ def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, windo
         report.update(evaluate(engine, eval_shard, cfg, plan.pad_id))
     report.update(gamma=cfg.simpo.resolved_gamma, gamma_beta_ratio=cfg.simpo.resolved_gamma_beta_ratio)
     state = collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, dist.get_rank())
-    return report, state
+    return report, state.replace(metrics={**state.metrics, **card_metrics(report)})
 
 
 def memory_metrics() -> dict:
@@ -350,6 +351,6 @@ def report_and_checkpoint(engine, report: dict, state: TrainState | None) -> Non
     ckpt, tmp = checkpoint.save(engine, state.to_dict())
     report = dict(report, **{"sys/checkpoint_save_s": time.perf_counter() - started})
     try:
-        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{state.step:06d}")
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=state.checkpoint_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

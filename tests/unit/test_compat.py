@@ -146,6 +146,24 @@ def _clip_grad_norm():
     assert "model" in _args(_source_def("transformers", "trainer.py", "Trainer", "_clip_grad_norm"))
 
 
+def _torch_backend():
+    from ray.train.torch import config
+
+    assert issubclass(config._TorchBackend, __import__("ray.train.backend", fromlist=["Backend"]).Backend)
+    params = inspect.signature(config._setup_torch_process_group).parameters
+    assert {"backend", "world_rank", "world_size", "init_method", "timeout_s"} <= set(params)
+    assert callable(config._set_torch_distributed_env_vars)
+    assert "_setup_torch_process_group" in inspect.getsource(config._TorchBackend.on_start)
+
+
+def _socket_ifname():
+    import torch
+
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    data = lib.read_bytes()
+    assert b"GLOO_SOCKET_IFNAME" in data
+
+
 CHECKS = {
     "deepspeed.comm.torch.build_shm_op": _build_shm_op,
     "ray._private.ray_constants.ENABLE_RAY_CLUSTER": _enable_ray_cluster,
@@ -158,6 +176,9 @@ CHECKS = {
     "ray.train.v2._internal.execution.context": _context_logger,
     "ray.train.v2._internal.execution.storage": _storage_logger,
     "ray.tune.schedulers.ASHAScheduler._trial_info/_metric_op": _asha,
+    "ray.train.torch.config._TorchBackend/_setup_torch_process_group/_set_torch_distributed_env_vars":
+        _torch_backend,
+    "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME": _socket_ifname,
     "datasets.Dataset._fingerprint": _dataset_fingerprint,
     "vllm worker.reload_weights(weights_path=)": _vllm_reload,
     "ray._private.worker._global_node": _global_node,

@@ -69,13 +69,15 @@ def test_loss_names_come_from_the_loss_table():
 
 
 def test_sections_are_importable_from_config():
-    from simpo_ray import config, sections
+    from simpo_ray import config, sections, sections_generate
 
     for name in config.__all__:
         assert hasattr(config, name), name
     for name in ("ConfigError", "TinyModelConfig", "ModelConfig", "DataConfig", "SimPOConfig", "OptimConfig",
-                 "TrainConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig", "RewardConfig", "GenerateConfig"):
+                 "TrainConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig"):
         assert getattr(config, name) is getattr(sections, name)
+    for name in ("RewardConfig", "GenerateConfig"):
+        assert getattr(config, name) is getattr(sections_generate, name)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

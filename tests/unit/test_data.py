@@ -140,7 +140,7 @@ def test_bundled_data_is_valid_and_has_signal():
 BROKEN = f"{REPO}/tests/fixtures/broken_rows.jsonl"
 BROKEN_COUNTS = {R.INVALID_UTF8: 1, R.INVALID_JSON: 1, R.NOT_OBJECT: 1, R.MISSING: 2, R.WRONG_TYPE: 2,
                  R.EMPTY: 3, R.SAME: 1, R.PROMPT_DIFFERS: 1, R.NON_TEXT: 1, R.BAD_CONVERSATION: 2,
-                 R.TRUNCATED_SAME: 1}
+                 R.TRUNCATED_SAME: 1, R.TIE: 1, R.DUPLICATE: 1}
 SHORT = {"max_length": 64, "max_prompt_length": 32}
 
 
@@ -156,7 +156,7 @@ def test_broken_fixture_exercises_every_row_reason(tokenizer):
 
     rep = inspect(_cfg("unused", strict=False), tokenizer=tokenizer)
     assert rep["dropped"] == BROKEN_COUNTS
-    assert rep["rows"] == 20 and rep["pairs"] == 4
+    assert rep["rows"] == 22 and rep["pairs"] == 4
     # every reason a row can carry (tokenization needs a broken chat template: below)
     assert set(BROKEN_COUNTS) == set(R.REASONS) - {R.TOKENIZATION}
 

@@ -60,6 +60,10 @@ def test_rerun_check_refuses_other_settings_and_lets_resources_change(tmp_path):
     check_rerun(rec, {"generate": {"temperature": 0.8, "num_generators": 1}}, "samples", free)
     assert json.loads(rec.read_text()) == {"generate": {"temperature": 0.8}}
     check_rerun(rec, {"generate": {"temperature": 0.8, "num_generators": 4}}, "samples", free)
-    with pytest.raises(ConfigError, match=r"generate\.temperature differ") as e:
+    with pytest.raises(ConfigError, match=r"generate\.temperature: 0\.8 -> 1\.0") as e:
         check_rerun(rec, {"generate": {"temperature": 1.0, "num_generators": 1}}, "samples", free)
     assert e.value.path == "generate.temperature" and str(rec.parent) in str(e.value)
+    # allowed: the change is returned and becomes the record
+    assert check_rerun(rec, {"generate": {"temperature": 1.0}}, "samples", free, allow=True) == [
+        "generate.temperature: 0.8 -> 1.0"]
+    assert check_rerun(rec, {"generate": {"temperature": 1.0}}, "samples", free) == []

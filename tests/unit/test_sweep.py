@@ -215,9 +215,11 @@ def test_reports_deduplicate_steps_redone_after_resume(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 0, "x": 1}\n{"step": 2, "x": 2}\n{"step": 4, "x": 3}\n'
                  '{"step": 4, "x": 4}\n{"step": 6, "x": NaN}\n')
-    reps = R.read_reports(f)
+    from simpo_ray.metrics import read_reports
+
+    reps = read_reports(f)
     assert [m["step"] for m in reps] == [0, 2, 4, 6] and reps[2]["x"] == 4 and math.isnan(reps[3]["x"])
-    assert R.read_reports(tmp_path / "missing.jsonl") == []
+    assert read_reports(tmp_path / "missing.jsonl") == []
 
 
 def test_rerun_with_a_changed_spec_is_refused(tmp_path):
