@@ -189,13 +189,12 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
 
     tokenized = pipeline(files, fraction)
     parts = [tokenized] + ([pipeline(eval_files, 1.0)] if eval_files else [])
-    errors = []
+    errors, repeats = [], []
     for part in parts:
-        bad = part.filter(expr=col("error") != "").select_columns(["source", "row", "error", "reason"])
-        errors += [(r["source"], r["row"], r["error"], r["reason"]) for r in bad.take_all()]
-    repeats = duplicate_rows(tokenized) if d.dedup else []
-    errors += repeats
-    dropped = summarize_errors(errors, strict=d.strict)
+        bad, again = row_outcomes(part, dedup=d.dedup and part is tokenized)
+        errors += bad
+        repeats += again
+    dropped = summarize_errors(errors + repeats, strict=d.strict)
 
     good = tokenized.filter(expr=col("error") == "")
     if repeats:
@@ -244,19 +243,19 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     }
 
 
-def duplicate_rows(ds) -> list:
-    """(source, row, message, DUPLICATE) for every well-formed row whose pair already came
-    earlier in file order (``rows.Duplicates``); only the keys travel to the driver."""
-    from ray.data.expressions import col
-
-    seen, out = Duplicates(), []
-    keys = ds.filter(expr=col("error") == "").select_columns(["source", "row", "pair_key"])
-    for b in keys.iter_batches(batch_size=8192, batch_format="numpy"):
-        for src, n, key in zip(b["source"], b["row"], b["pair_key"]):
-            e = seen.check(str(key), str(src), int(n))
-            if e is not None:
-                out.append((str(src), int(n), str(e), e.reason))
-    return out
+def row_outcomes(ds, dedup: bool) -> tuple[list, list]:
+    """One pass over a tokenized dataset's small columns -> (the refused rows, the
+    repeated pairs), each as (source, row, message, reason). A repeat is a well-formed
+    row whose pair already came earlier in file order (``rows.Duplicates``)."""
+    seen, bad, again = Duplicates(), [], []
+    cols = ["source", "row", "error", "reason", "pair_key"]
+    for b in ds.select_columns(cols).iter_batches(batch_size=8192, batch_format="numpy"):
+        for src, n, err, reason, key in zip(*(b[c] for c in cols)):
+            if err:
+                bad.append((str(src), int(n), str(err), str(reason)))
+            elif dedup and (e := seen.check(str(key), str(src), int(n))) is not None:
+                again.append((str(src), int(n), str(e), e.reason))
+    return bad, again
 
 
 def _drop_rows(table, rows: list):

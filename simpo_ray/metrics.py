@@ -10,6 +10,9 @@ worker's resident memory (MiB) at the report, to see a leak over a long run.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 PAIR_KEYS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
     "logps/chosen", "logps/rejected", "logps/accuracies", "lengths/chosen", "lengths/rejected", "margin_reached",
@@ -121,19 +124,11 @@ def read_reports(path) -> list:
     """A run's ``metrics.jsonl`` in step order, one line per step: where a step was
     reported by several attempts (a worker restart or a rerun redoes the steps after the
     last checkpoint), the latest ``attempt``'s line. The one reader every consumer uses."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.exists():
-        return []
     by_step: dict = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            m = json.loads(line)
-            step, old = m.get("step", 0), by_step.get(m.get("step", 0))
-            if old is None or m.get("attempt", 0) >= old.get("attempt", 0):
-                by_step[step] = m
+    for m in read_all(path):
+        step, old = m.get("step", 0), by_step.get(m.get("step", 0))
+        if old is None or m.get("attempt", 0) >= old.get("attempt", 0):
+            by_step[step] = m
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -144,8 +139,5 @@ def last_attempt(path) -> int:
 
 def read_all(path) -> list:
     """Every line of a ``metrics.jsonl``, superseded ones included, in file order."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
