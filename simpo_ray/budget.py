@@ -1,18 +1,23 @@
-"""Micro-batches of one epoch, and token-budget batching (``data.token_budget``).
+"""The epoch's micro-batches, each rank's share of them, and token-budget batching.
 
-Budget micro-batches hold a data-dependent number of whole pairs, so ranks would run
-different numbers of forwards (a ZeRO-3 hang). Each rank counts its own stream once
-per epoch (the order is seeded, so the training pass sees the same batches); the ranks
-then agree to take the steps every rank can fill, and sum the pairs of each step so
-the loss can be a mean over all of them (``loss_scale``).
+Every rank reads the same global stream of micro-batches (a seeded order that depends on
+the data, the seed and the epoch, not on the number of workers) and trains every
+``world``-th one (``rank_micro``). Position is kept in global micro-batches, so a run
+can resume on another number of workers without skipping or repeating a pair: an
+optimizer step is always the next ``total_batch_size / micro_batch_size`` micro-batches.
+
+Budget micro-batches (``data.token_budget``) hold a data-dependent number of whole
+pairs; every rank counts the same global stream once per epoch, so all ranks agree on
+the steps without negotiating, and the pairs of each step let the loss be a mean over
+all of them (``loss_scale``).
 """
 
 from __future__ import annotations
 
 
 def iter_train(shard, cfg, epoch: int):
-    """This rank's batches of ``micro_batch_size`` pairs for one epoch, in a seeded
-    order a resume reproduces."""
+    """The epoch's global stream of batches of ``micro_batch_size`` pairs, in a seeded
+    order a resume reproduces (``shard`` is the whole dataset on every rank)."""
     from simpo_ray.data import shuffle_args
 
     mb = cfg.train.micro_batch_size
@@ -21,7 +26,7 @@ def iter_train(shard, cfg, epoch: int):
 
 
 def iter_micro(shard, cfg, epoch: int):
-    """The micro-batches of one epoch: ``micro_batch_size`` pairs, or with
+    """The epoch's global micro-batches: ``micro_batch_size`` pairs, or with
     ``data.token_budget`` as many whole pairs as fit the budget (same order)."""
     batches = iter_train(shard, cfg, epoch)
     if not cfg.data.token_budget:
@@ -31,22 +36,35 @@ def iter_micro(shard, cfg, epoch: int):
     return token_budget_batches(batches, cfg.data.token_budget)
 
 
-def schedule(shard, cfg) -> list:
+def rank_micro(stream, start: int, rank: int, world: int):
+    """This rank's share of the global micro-batches after the first ``start``:
+    (global index g, 1-based; batch) for g = start + rank + 1, then every ``world``-th.
+    A round of ``world`` micro-batches (one per rank) ends at ``start + n * world``."""
+    for g, batch in enumerate(stream, start=1):
+        if g > start and (g - start - 1) % world == rank:
+            yield g, batch
+
+
+def schedule(shard, cfg, world: int) -> list:
     """The global number of pairs in every optimizer step of every epoch, as
-    ``[[pairs of step 1, ...] per epoch]``. Collective: every rank calls it."""
+    ``[[pairs of step 1, ...] per epoch]``: a step is ``grad_accum_steps x world``
+    consecutive global micro-batches. Every rank counts the same stream; a collective
+    check refuses to train if two ranks saw different streams."""
     import torch
     import torch.distributed as dist
 
-    gas = cfg.train.grad_accum_steps
+    per_step = cfg.train.grad_accum_steps * world
     out = []
     for epoch in range(cfg.train.epochs):
         sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch)]
-        local = [sum(sizes[i:i + gas]) for i in range(0, len(sizes) // gas * gas, gas)]
-        n = torch.tensor([len(local)])
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        pairs = torch.tensor(local[:int(n)] or [0], dtype=torch.long)
-        dist.all_reduce(pairs)
-        out.append(pairs.tolist()[:int(n)])
+        out.append([sum(sizes[i:i + per_step]) for i in range(0, len(sizes) // per_step * per_step, per_step)])
+    mine = torch.tensor([sum(len(s) for s in out), sum(map(sum, out))], dtype=torch.long)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"workers read different data streams (steps, pairs from {low.tolist()} to "
+                           f"{high.tolist()}); the order must not depend on the worker")
     return out
 
 
@@ -74,13 +92,15 @@ def loss_scale(pairs: int, world: int, grad_accum: int, step_pairs: int) -> floa
 
 
 def micro_batches_per_epoch(epoch_steps, steps_per_epoch: int, t) -> list:
-    """Micro-batches every rank runs in each epoch: the counted steps (token budget)
-    or the plan's fixed steps, times the accumulation."""
+    """Global micro-batches the steps of each epoch use: the counted steps (token
+    budget) or the plan's fixed steps, times ``total_batch_size / micro_batch_size``
+    (the same for any number of workers)."""
     steps = [len(s) for s in epoch_steps] if epoch_steps else [steps_per_epoch] * t.epochs
-    return [n * t.grad_accum_steps for n in steps]
+    return [n * t.grad_accum_steps * t.num_workers for n in steps]
 
 
-def step_pairs(epoch_schedule: list, micro: int, grad_accum: int) -> int:
-    """Global pairs of the step that micro-batch ``micro`` (1-based) belongs to. A
-    dropped non-finite micro-batch shifts the window; the last step's count serves."""
-    return epoch_schedule[min((micro - 1) // grad_accum, len(epoch_schedule) - 1)]
+def step_pairs(epoch_schedule: list, g: int, per_step: int) -> int:
+    """Global pairs of the step that global micro-batch ``g`` (1-based) belongs to, a
+    step being ``per_step`` micro-batches. A dropped non-finite round shifts the window;
+    the last step's count serves."""
+    return epoch_schedule[min((g - 1) // per_step, len(epoch_schedule) - 1)]

@@ -22,12 +22,12 @@ import yaml
 
 # The sections RunConfig holds; TinyModelConfig and RewardConfig (held by those) and
 # ConfigError are re-exported so ``from simpo_ray.config import X`` works for all of them.
-from simpo_ray.sections import (ConfigError, DataConfig, DeepSpeedConfig, ModelConfig, OptimConfig, OutputConfig,
-                                RayConfig, SimPOConfig, TinyModelConfig, TrainConfig)
+from simpo_ray.sections import (ConfigError, DataConfig, DeepSpeedConfig, EvalConfig, ModelConfig, OptimConfig,
+                                OutputConfig, RayConfig, SimPOConfig, TinyModelConfig, TrainConfig)
 from simpo_ray.sections_generate import GenerateConfig, RewardConfig
 
 __all__ = ["OBJECTIVE", "ConfigError", "RunConfig", "TinyModelConfig", "ModelConfig", "DataConfig", "SimPOConfig",
-           "OptimConfig", "TrainConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig", "RewardConfig",
+           "OptimConfig", "TrainConfig", "EvalConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig", "RewardConfig",
            "GenerateConfig", "load_yaml", "parse_override", "set_dotted", "merged", "apply_overrides", "check_rerun",
            "build"]
 
@@ -43,6 +43,7 @@ class RunConfig:
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -294,17 +294,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def shuffle_args(data_cfg, epoch: int, batch_size: int) -> dict:
-    """``iter_batches`` keyword arguments for one epoch's order on one rank.
+    """``iter_batches`` keyword arguments for one epoch's order.
 
     Determinism (Ray 2.60): a materialized dataset streams the same blocks in the same
-    order every epoch; ``streaming_split(n, equal=True)`` assigns them greedily to the
-    rank with the fewest rows so far, which is deterministic for a fixed block
-    sequence when no locality hints are used (``ingest_config()`` turns them off);
-    the local shuffle buffer is a numpy Generator seeded here, so the sequence of
-    batches on each rank is a function of (data, seed, epoch, world size) and a
-    resumed run sees the same batches. Rows stay on the same rank across epochs (the
-    global shuffle happens once, in ``prepare_datasets``); the order within a rank's
-    stream changes per epoch, mixing over ``data.shuffle_buffer_size`` rows.
+    order every epoch and to every reader (``preserve_order``, ``ingest_config``); the
+    local shuffle buffer is a numpy Generator seeded here, so the epoch's sequence of
+    batches is a function of (data, seed, epoch) alone: the same on every rank, for
+    any number of workers, and again on a resume. The global shuffle happens once, in
+    ``prepare_datasets``; the order changes per epoch, mixing over
+    ``data.shuffle_buffer_size`` rows, and which rank trains a pair changes with it.
     """
     if not data_cfg.shuffle:
         return {}
@@ -313,11 +311,14 @@ def shuffle_args(data_cfg, epoch: int, batch_size: int) -> dict:
 
 
 def ingest_config():
-    """A ``ray.train.DataConfig`` whose split to workers is deterministic even across
-    nodes: ``preserve_order`` also makes Ray ignore locality hints (which depend on
-    where blocks happen to live). Pass as the trainer's ``dataset_config``."""
+    """A ``ray.train.DataConfig`` for the trainer's ``dataset_config``. The training set
+    is not split: every worker reads the whole stream in the same seeded order and
+    trains its share of the micro-batches (``budget.rank_micro``), so the order and the
+    data position do not depend on the number of workers (a resume may change it).
+    ``preserve_order`` keeps that order across nodes (and makes Ray ignore locality
+    hints). Held-out pairs are split (their metrics are sums over ranks)."""
     import ray.train
 
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = True
-    return ray.train.DataConfig(execution_options=opts)
+    return ray.train.DataConfig(datasets_to_split=["eval"], execution_options=opts)

@@ -66,8 +66,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def build_engine(cfg, model_path: str, total_steps: int):
+def build_engine(cfg, model_path: str, total_steps: int, universal: bool = False):
     """Load the model partitioned at load (ZeRO-3 via HfDeepSpeedConfig) and wrap it.
+    ``universal``: the checkpoint to load is a DeepSpeed universal one (a resume on
+    another number of workers, ``checkpoint.restore``).
 
     Returns (engine, ds_config); ``engine.module`` is a ``PolicyLogps`` whose ``.lm`` is
     the Hugging Face model. Every rank must call this (it is collective).
@@ -85,6 +87,8 @@ def build_engine(cfg, model_path: str, total_steps: int):
         skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     ds_config = deepspeed_config(cfg)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     # Keep this object alive across from_pretrained: while it exists, transformers
     # loads under zero.Init, so a 70B model never materializes on one rank.
     hf_ds = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.stage == 3 else None

@@ -79,6 +79,20 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+# The likelihood-collapse alarm's key (worker.collapse_alarm; sweeps stop on it).
+COLLAPSE_ALARM = "alarm/chosen_logp_collapse"
+
+
+def agree(ok: bool) -> bool:
+    """True only if ``ok`` on every rank (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
 def max_over_ranks(value: float) -> float:
     """The largest ``value`` over every rank (a collective: all ranks must call it)."""
     import torch
@@ -104,7 +118,7 @@ def format_progress(m: dict, total_steps: int) -> str:
     if "loss" not in m:  # the step-0 baseline: eval only
         what = (f"eval acc {m['eval/rewards/accuracies']:.3f}" if "eval/rewards/accuracies" in m
                 else f"eval loss {m.get('eval/loss', float('nan')):.4f}")
-        return f"step {m['step']:>5}/{total_steps} | {what} (before training)"
+        return f"step {m['step']:>5}/{total_steps} | {what}{_gen_part(m)} (before training)"
     parts = [f"step {m['step']:>5}/{total_steps}", f"loss {m['loss']:.4f}"]
     if "rewards/accuracies" in m:
         parts += [f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:+.3f}",
@@ -116,7 +130,16 @@ def format_progress(m: dict, total_steps: int) -> str:
         parts.append(f"eval acc {m['eval/rewards/accuracies']:.3f}")
     elif "eval/loss" in m:
         parts.append(f"eval loss {m['eval/loss']:.4f}")
-    return " | ".join(parts)
+    return " | ".join(parts) + _gen_part(m)
+
+
+def _gen_part(m: dict) -> str:
+    """The generation probe's numbers, when the report has them."""
+    if "gen/length_median" not in m:
+        return ""
+    return (f" | gen len {m['gen/length_median']:.0f} unfinished {m['gen/unfinished_rate']:.2f} "
+            f"repeat {m['gen/repeat_rate']:.2f} empty {m['gen/empty_rate']:.2f}"
+            + (" ALARM" if m.get("alarm/generation") else ""))
 
 
 # ---------------------------------------------------------------- metrics.jsonl

@@ -43,6 +43,10 @@ class RunPlan(_Boundary):
     stats: dict = field(default_factory=dict)
     # Training pairs per epoch that no optimizer step uses (drop_last, the step grid).
     unused_pairs_per_epoch: int = 0
+    # Generation probes (simpo_ray.probes): held-out prompts [{"id", "prompt_ids"}] and
+    # the token ids generation stops at.
+    probe_prompts: list = field(default_factory=list)
+    stop_ids: list = field(default_factory=list)
 
     @property
     def export_dir(self) -> str:
@@ -78,11 +82,15 @@ class TrainState(_Boundary):
 
     step: int = 0
     epoch: int = 0
-    micro: int = 0                  # micro-batches of ``epoch`` already trained
+    micro: int = 0                  # global micro-batches of ``epoch`` already consumed (all ranks)
+    world_size: int = 0             # the number of workers that saved it (set by checkpoint.save)
     skipped_micro_batches: int = 0  # non-finite losses dropped before backward
     # The collapse alarm's reference: the first average chosen log-prob per key.
     chosen_logp_start: dict = field(default_factory=dict)
     alarm_printed: bool = False
+    # The generation alarm's reference: the step-0 probe's gen/ metrics.
+    gen_start: dict = field(default_factory=dict)
+    gen_alarm_printed: bool = False
     # The latest value of every model metric reported (train and eval/): the model card's
     # final metrics, for the end-of-run export and for any checkpoint exported later.
     metrics: dict = field(default_factory=dict)

@@ -230,6 +230,9 @@ class TrainConfig:
     stop_after: Optional[int] = None
     # Consecutive non-finite losses / gradient norms tolerated (each one skipped).
     max_bad_steps: int = 5
+    # Stop with a checkpoint when an alarm fires (alarm/chosen_logp_collapse,
+    # alarm/generation) instead of only warning.
+    stop_on_alarm: bool = False
 
     def validate(self, path: str) -> None:
         for name in ("num_workers", "total_batch_size", "micro_batch_size", "epochs",
@@ -252,6 +255,33 @@ class TrainConfig:
     @property
     def grad_accum_steps(self) -> int:
         return self.total_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclass
+class EvalConfig:
+    """Generation probes during training (simpo_ray.probes): greedy replies of the live
+    policy to a fixed, seeded set of held-out prompts, their gen/ metrics and the
+    alarm/generation they raise."""
+
+    # Steps between probes (also at step 0 and the end). None: with every held-out
+    # evaluation (train.eval_every); 0: no probes.
+    generate_every: Optional[int] = None
+    generate_prompts: int = 32
+    generate_max_tokens: int = 128
+    # alarm/generation: an unfinished / repeat / empty rate more than this above its
+    # step-0 value, or the median reply length changed by more than this factor.
+    alarm_rate_rise: float = 0.25
+    alarm_length_factor: float = 2.0
+
+    def validate(self, path: str) -> None:
+        if self.generate_every is not None and self.generate_every < 0:
+            raise ConfigError(f"{path}.generate_every", f"must be >= 0 (0: no probes), got {self.generate_every}")
+        _positive(f"{path}.generate_prompts", self.generate_prompts)
+        _positive(f"{path}.generate_max_tokens", self.generate_max_tokens)
+        if not 0.0 < self.alarm_rate_rise <= 1.0:
+            raise ConfigError(f"{path}.alarm_rate_rise", f"must be in (0, 1], got {self.alarm_rate_rise}")
+        if not self.alarm_length_factor > 1.0:
+            raise ConfigError(f"{path}.alarm_length_factor", f"must be > 1, got {self.alarm_length_factor}")
 
 
 @dataclass

@@ -20,6 +20,8 @@ from typing import Optional, Union
 import yaml
 
 from simpo_ray.config import ConfigError, RunConfig, build, load_yaml, merged, parse_override, set_dotted
+from simpo_ray.metrics import COLLAPSE_ALARM
+from simpo_ray.probes import GENERATION_ALARM
 
 # The learning rates the SimPO paper and its recipes use for 7-9B instruct models.
 PAPER_LR = (3e-7, 1e-6)
@@ -30,7 +32,6 @@ DOMAINS = ("grid", "choice", "uniform", "loguniform")
 NOT_SEARCHABLE = ("train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.total_batch_size",
                   "train.log_every", "train.eval_every", "data.", "model.name_or_path", "simpo.loss",
                   "output.", "ray.")
-COLLAPSE_ALARM = "alarm/chosen_logp_collapse"
 
 
 @dataclass
@@ -77,7 +78,7 @@ class ResourceSpec:
 @dataclass
 class DivergenceSpec:
     # Boolean metrics that mark a trial as diverged (besides a non-finite loss).
-    alarms: list = field(default_factory=lambda: [COLLAPSE_ALARM])
+    alarms: list = field(default_factory=lambda: [COLLAPSE_ALARM, GENERATION_ALARM])
 
 
 @dataclass

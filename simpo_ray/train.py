@@ -70,8 +70,12 @@ def init_ray(cfg: RunConfig, extra_cpus: float = 0) -> None:
     # step took 2 s. Its processes read this from the environment they inherit (on a
     # cluster: cluster/runtime_env.yaml).
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, _node_ip_address="127.0.0.1")
+    ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=port, _node_ip_address="127.0.0.1")
+    # The private cluster ends with this process, even after a SIGKILL (simpo_ray.reaper).
+    from simpo_ray import reaper
+
+    reaper.start(os.path.basename(ctx.address_info["session_dir"].rstrip("/")))
 
 
 def _joined(cfg: RunConfig) -> Optional[str]:
@@ -94,15 +98,15 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool, run_
     from simpo_ray.data import DataError
 
     t = cfg.train
-    # streaming_split(equal=True) gives every rank the same number of rows.
-    rows_per_rank = stats["train_pairs"] // t.num_workers
     pairs_per_micro = t.micro_batch_size
     if cfg.data.token_budget:
         # Micro-batches are cut by tokens: the workers count the exact steps of every
         # epoch before training (simpo_ray.budget); this estimate only sizes the
         # driver's plan line and a sweep's ASHA horizon.
         pairs_per_micro = max(1, cfg.data.token_budget // max(1, round(stats.get("mean_pair_tokens") or 1)))
-    steps_per_epoch = rows_per_rank // pairs_per_micro // t.grad_accum_steps
+    # One global stream of micro-batches (drop_last); a step is the next
+    # grad_accum_steps x num_workers of them, whatever the number of workers.
+    steps_per_epoch = stats["train_pairs"] // pairs_per_micro // (t.grad_accum_steps * t.num_workers)
     if steps_per_epoch == 0:
         raise DataError(
             f"{stats['train_pairs']} training pairs are fewer than one optimizer step needs "
@@ -140,7 +144,20 @@ class Prepared:
         from simpo_ray.models import resolve_model_path
 
         path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
-        return make_plan(cfg, self.stats, path, self.plan.has_eval, run_dir)
+        return dataclasses.replace(make_plan(cfg, self.stats, path, self.plan.has_eval, run_dir),
+                                   probe_prompts=self.plan.probe_prompts, stop_ids=self.plan.stop_ids)
+
+
+def with_probes(plan: RunPlan, cfg: RunConfig, eval_ds, model_path: str) -> RunPlan:
+    """The plan with the generation probes' prompts (held-out, ``simpo_ray.probes``) and
+    the ids generation stops at; none when probes are off or nothing is held out."""
+    if cfg.eval.generate_every == 0 or eval_ds is None:
+        return plan
+    from simpo_ray.generators import stop_token_ids
+    from simpo_ray.probes import pick_prompts
+
+    return dataclasses.replace(plan, probe_prompts=pick_prompts(eval_ds, cfg.eval.generate_prompts),
+                               stop_ids=stop_token_ids(cfg, model_path))
 
 
 def progress_callback(run_dir: str, total_steps: int):
@@ -190,6 +207,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     data = prepare_datasets(cfg, model_path)
     stats = data["stats"]
     plan = make_plan(cfg, stats, model_path, has_eval=data["eval"] is not None)
+    plan = with_probes(plan, cfg, data["eval"], model_path)
     datasets = {"train": data["train"]}
     if data["eval"] is not None:
         datasets["eval"] = data["eval"]
@@ -212,12 +230,13 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 
 # Fields a resumed run may change: where the run is and how often it logs, evaluates,
-# checkpoints or retries, not what its checkpoints' trajectory means. max_steps is not
-# among them (it changes the schedule), nor is the batch layout.
+# checkpoints or retries, and on how many workers (positions are global and a checkpoint
+# of another worker count is converted), not what its checkpoints' trajectory means.
+# max_steps is not among them (it changes the schedule), nor is the batch layout.
 RUN_FREE = ("output.root", "output.name", "output.storage", "output.export", "output.keep_checkpoints", "ray",
             "generate", "train.stop_after", "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.max_failures", "train.max_bad_steps", "train.cpus_per_worker", "model.gradient_checkpointing",
-            "model.logps_chunk_size")
+            "train.max_failures", "train.max_bad_steps", "train.cpus_per_worker", "train.num_workers",
+            "train.stop_on_alarm", "eval", "model.gradient_checkpointing", "model.logps_chunk_size")
 RUN_RECORD = "run_config.json"  # the config the run's checkpoints were made with
 
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 
-from simpo_ray import budget, checkpoint, metrics
+from simpo_ray import budget, checkpoint, metrics, probes
 from simpo_ray.config import RunConfig
 from simpo_ray.export import card_metrics, config_changes, model_card
 from simpo_ray.objective import LOSSES
@@ -29,16 +29,16 @@ def train_loop_per_worker(config: dict) -> None:
     t = cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
-    epoch_steps = budget.schedule(train_shard, cfg) if cfg.data.token_budget else None
+    epoch_steps = budget.schedule(train_shard, cfg, t.num_workers) if cfg.data.token_budget else None
     if epoch_steps:
         plan = budget.counted_plan(plan, epoch_steps, cfg, rank)
-    engine, _ = build_engine(cfg, model_path(cfg), plan.total_steps)
-    restored = checkpoint.restore(engine)
+    engine, restored = checkpoint.restore(lambda universal: build_engine(cfg, model_path(cfg), plan.total_steps,
+                                                                         universal=universal)[0])
     state = TrainState.from_dict(restored) if restored else TrainState()
     if rank == 0 and state.step:
         print(f"[simpo-ray] resumed at step {state.step} (epoch {state.epoch}, micro-batch {state.micro})")
     if state.step == 0 and eval_shard is not None:  # the baseline the curve starts from
-        report, state = build_report(engine, cfg, plan, state, None, eval_shard)
+        report, state = build_report(engine, cfg, plan, state, None, eval_shard, probe=probes.due(cfg, 0, False, True))
         ray.train.report(report)
     window, reported, stop = Window(state.step), state.step, False
     for position, rank_micro, epoch in optimizer_steps(engine, train_shard, cfg, plan, epoch_steps, state, window):
@@ -49,7 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         due_eval = eval_shard is not None and (state.step % t.eval_every == 0 or last)
         report, state = build_report(engine, cfg, plan, state, window, eval_shard if due_eval else None,
-                                     epoch=epoch, rank_micro=rank_micro)
+                                     epoch=epoch, rank_micro=rank_micro, probe=probes.due(cfg, state.step, last, due_eval))
+        stop = stop or alarm_stop(report, t, rank)
         save = state.step % t.checkpoint_every == 0 or last or stop
         report_and_checkpoint(engine, report, state if save else None)
         window.reset(state.step)
@@ -116,33 +117,34 @@ class Window:
 
 
 def optimizer_steps(engine, shard, cfg: RunConfig, plan: RunPlan, epoch_steps, state: TrainState, window: Window):
-    """Run micro-batches from ``state``'s position; after every optimizer step yield
-    (the new position: step, epoch, micro, skipped_micro_batches; micro-batches this
-    rank has run in all; the epoch it ran in). Non-finite losses are dropped on every
-    rank before backward (parameters and the accumulation window untouched; the next
-    micro-batch takes the place); ``train.max_bad_steps`` in a row stop the run."""
+    """Run this rank's micro-batches from ``state``'s position; after every optimizer
+    step yield (the new position: step, epoch, micro = global micro-batches of the epoch
+    consumed, skipped_micro_batches; micro-batches this rank has run in all; the epoch
+    it ran in). Non-finite losses are dropped on every rank before backward (parameters
+    and the accumulation window untouched; the next round takes the place);
+    ``train.max_bad_steps`` in a row stop the run."""
     import torch.distributed as dist
 
     t = cfg.train
     epoch_micro = budget.micro_batches_per_epoch(epoch_steps, plan.steps_per_epoch, t)
-    world, faults, bad, skipped = dist.get_world_size(), injected_faults(), 0, state.skipped_micro_batches
-    step = state.step
+    world, rank = dist.get_world_size(), dist.get_rank()
+    faults, bad, skipped, step = injected_faults(), 0, state.skipped_micro_batches, state.step
     if step >= plan.total_steps:  # a rerun of a finished run: nothing to train
         return
     for epoch in range(state.epoch, t.epochs):
-        skip = state.micro if epoch == state.epoch else 0
-        for micro, batch in enumerate(budget.iter_micro(shard, cfg, epoch), start=1):
-            if micro > epoch_micro[epoch]:
+        start = state.micro if epoch == state.epoch else 0
+        for n, (g, batch) in enumerate(budget.rank_micro(budget.iter_micro(shard, cfg, epoch), start, rank, world), 1):
+            consumed = start + n * world  # global micro-batches of the epoch after this round
+            if consumed > epoch_micro[epoch]:
                 break
-            if micro <= skip:  # resume: these micro-batches were trained before the checkpoint
-                continue
+            rnd = -(-g // world)  # the round on a run that never changed its worker count
             loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan.pad_id)
             if epoch_steps:  # a mean over the step's pairs on all ranks, not over this micro-batch's
                 loss = loss * budget.loss_scale(len(batch["prompt_ids"]), world, t.grad_accum_steps,
-                                                budget.step_pairs(epoch_steps[epoch], micro, t.grad_accum_steps))
-            if not agree(bool(loss.isfinite().item()) and f"{epoch}:{micro}" not in faults):
+                                                budget.step_pairs(epoch_steps[epoch], g, t.grad_accum_steps * world))
+            if not metrics.agree(bool(loss.isfinite().item()) and f"{epoch}:{rnd}" not in faults):
                 skipped += 1
-                bad = check_bad_streak(bad + 1, t.max_bad_steps, engine.global_steps, epoch, micro, batch)
+                bad = check_bad_streak(bad + 1, t.max_bad_steps, engine.global_steps, epoch, rnd, batch)
                 continue
             engine.backward(loss)
             engine.step()
@@ -151,28 +153,19 @@ def optimizer_steps(engine, shard, cfg: RunConfig, plan: RunPlan, epoch_steps, s
                 continue
             step = engine.global_steps
             grad_ok = math.isfinite(float(engine.get_global_grad_norm() or 0.0))  # DeepSpeed skipped it if not
-            bad = 0 if grad_ok else check_bad_streak(bad + 1, t.max_bad_steps, step, epoch, micro, batch)
-            end = micro >= epoch_micro[epoch]
-            yield ({"step": step, "epoch": epoch + end, "micro": 0 if end else micro, "skipped_micro_batches": skipped},
-                   micro + sum(epoch_micro[:epoch]), epoch)
+            bad = 0 if grad_ok else check_bad_streak(bad + 1, t.max_bad_steps, step, epoch, rnd, batch)
+            end = consumed + world > epoch_micro[epoch]
+            yield ({"step": step, "epoch": epoch + end, "micro": 0 if end else consumed,
+                    "skipped_micro_batches": skipped}, (sum(epoch_micro[:epoch]) + consumed) // world, epoch)
             if step >= plan.total_steps:
                 return
 
 
 def injected_faults() -> set:
     """Fault injection for tests: SIMPO_RAY_INJECT_NAN="epoch:micro,..." poisons those
-    micro-batches' losses (the driver forwards SIMPO_RAY_* variables to the workers)."""
+    micro-batches' losses: micro-batch ``micro`` (1-based) of every rank, i.e. the global
+    round ``micro`` (the driver forwards SIMPO_RAY_* variables to the workers)."""
     return {x for x in os.environ.get("SIMPO_RAY_INJECT_NAN", "").split(",") if x}
-
-
-def agree(ok: bool) -> bool:
-    """True only if ``ok`` on every rank (a collective)."""
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return int(flag) == 0
 
 
 def should_stop(plan: RunPlan, t, step: int) -> bool:
@@ -183,7 +176,7 @@ def should_stop(plan: RunPlan, t, step: int) -> bool:
     asked = bool(t.stop_after and step >= t.stop_after)
     if dist.get_rank() == 0:
         asked = asked or os.path.exists(plan.stop_file)
-    return not agree(not asked)
+    return not metrics.agree(not asked)
 
 
 def check_bad_streak(streak: int, limit: int, step: int, epoch: int, micro: int, batch: dict) -> int:
@@ -271,12 +264,13 @@ def evaluate(engine, shard, cfg: RunConfig, pad_id: int) -> dict:
 
 
 def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, window, eval_shard, *,
-                 epoch: int | None = None, rank_micro: int | None = None):
+                 epoch: int | None = None, rank_micro: int | None = None, probe: bool = False):
     """The one place a report is made -> (report, state with the alarm's memory).
 
     ``window`` None: the step-0 baseline (held-out metrics only). Otherwise the global
     training metrics since the last report, held-out metrics when ``eval_shard`` is
-    given, the margin in effect, the data's constant counts and the step accounting.
+    given, the generation probe's ``gen/`` metrics when ``probe``, the margin in effect,
+    the data's constant counts and the step accounting, and the alarms.
     Collective (all-reduces): every rank calls it."""
     import torch.distributed as dist
 
@@ -297,9 +291,25 @@ def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, windo
             report["rank_micro_batches"] = rank_micro
     if eval_shard is not None:
         report.update(evaluate(engine, eval_shard, cfg, plan.pad_id))
+    if probe and plan.probe_prompts:
+        report.update(probes.probe(engine, cfg, plan, model_path(cfg), state.step))
     report.update(gamma=cfg.simpo.resolved_gamma, gamma_beta_ratio=cfg.simpo.resolved_gamma_beta_ratio)
     state = collapse_alarm(report, state, cfg.simpo.chosen_logp_alarm, dist.get_rank())
+    state = probes.generation_alarm(report, state, cfg.eval, dist.get_rank())
     return report, state.replace(metrics={**state.metrics, **card_metrics(report)})
+
+
+ALARMS = (metrics.COLLAPSE_ALARM, probes.GENERATION_ALARM)
+
+
+def alarm_stop(report: dict, t, rank: int) -> bool:
+    """``train.stop_on_alarm`` and an alarm is up in this report (the same on every rank)."""
+    up = [k for k in ALARMS if report.get(k)]
+    if t.stop_on_alarm and up and rank == 0:
+        print(f"[simpo-ray] stopping at step {report['step']} on {', '.join(up)} (train.stop_on_alarm); "
+              "a rerun resumes and stops again while the alarm holds: set train.stop_on_alarm=false to go on",
+              flush=True)
+    return bool(t.stop_on_alarm and up)
 
 
 def memory_metrics() -> dict:
@@ -330,7 +340,7 @@ def collapse_alarm(report: dict, state: TrainState, threshold, rank: int = 0) ->
     state = state.replace(chosen_logp_start=starts)
     drop = start - report[key]
     report["alarm/chosen_logp_drop"] = drop
-    report["alarm/chosen_logp_collapse"] = bool(drop > threshold)
+    report[metrics.COLLAPSE_ALARM] = bool(drop > threshold)
     if drop > threshold and not state.alarm_printed:
         state = state.replace(alarm_printed=True)
         if rank == 0:

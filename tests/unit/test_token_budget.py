@@ -66,3 +66,23 @@ def test_loss_scale_makes_each_step_a_mean_over_all_its_pairs(world, gas):
 def test_fixed_micro_batches_are_the_budget_special_case():
     """Equal micro-batches everywhere: the scale is 1, i.e. the usual mean of means."""
     assert budget_loss_scale(4, 2, 3, 4 * 2 * 3) == 1.0
+
+
+@pytest.mark.parametrize("world,start", [(1, 0), (2, 0), (3, 0), (2, 5), (3, 7)])
+def test_ranks_share_the_global_stream_from_any_position(world, start):
+    """Each rank trains every ``world``-th global micro-batch after the first ``start``:
+    together the ranks see each later micro-batch exactly once, a round (one per rank)
+    holds consecutive micro-batches, and the count per epoch does not depend on the
+    number of workers."""
+    from simpo_ray.budget import micro_batches_per_epoch, rank_micro
+
+    stream = list(range(1, 31))
+    shares = [list(rank_micro(iter(stream), start, r, world)) for r in range(world)]
+    assert sorted(g for share in shares for g, _ in share) == stream[start:]
+    assert all(g == batch for share in shares for g, batch in share)
+    rounds = list(zip(*shares))
+    assert all([g for g, _ in rnd] == list(range(rnd[0][0], rnd[0][0] + world)) for rnd in rounds)
+    per_epoch = {w: micro_batches_per_epoch(None, 5, RunConfig.from_dict(
+        {"data": {"train_files": ["x"]}, "train": {"micro_batch_size": 2, "total_batch_size": 12,
+                                                  "num_workers": w, "epochs": 2}}).train) for w in (1, 2, 3, 6)}
+    assert set(map(tuple, per_epoch.values())) == {(30, 30)}
