@@ -17,8 +17,8 @@ from tests.conftest import REPO, SMALL_MODEL
 TINY_CPU = os.path.join(REPO, "examples", "tiny_cpu.yaml")
 BUNDLED = os.path.join(REPO, "examples", "data", "preferences.jsonl")
 # examples/tiny_cpu.yaml on the smallest model, a report every step, held-out accuracy and
-# a checkpoint every 2.
-TINY = [*SMALL_MODEL, "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2"]
+# a checkpoint every 2; no generation probes (tests/integration/test_probes.py runs them).
+TINY = [*SMALL_MODEL, "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2", "eval.generate_every=0"]
 
 
 def tiny_cfg(root, **over):
@@ -54,7 +54,7 @@ def fit(root, **over):
 def cli_train(root, name, *overrides):
     """``simpo-ray train examples/tiny_cpu.yaml`` in its own process and its own local Ray."""
     return [sys.executable, "-m", "simpo_ray.cli", "train", TINY_CPU, f"output.root={root}",
-            f"output.name={name}", "output.export=false", "ray.num_cpus=4", *overrides]
+            f"output.name={name}", "output.export=false", "ray.num_cpus=4", "eval.generate_every=0", *overrides]
 
 
 def load_script(relpath, name):
