@@ -155,16 +155,6 @@ def fit(cfg, prepared=None) -> dict:
     return {"summary": summary, "reports": reports, "export": summary["export_dir"], "fit_s": fit_s}
 
 
-def with_reference(prepared, cfg):
-    """The prepared datasets plus DPO's reference log-probs (one pass, the SFT model)."""
-    from simpo_ray.reference import add_reference_logps
-
-    pad_id = 0  # the tiny tokenizer's <|pad|>; checked in run()
-    datasets = {k: add_reference_logps(v, cfg, cfg.model.name_or_path, pad_id)
-                for k, v in prepared.datasets.items()}
-    return dataclasses.replace(prepared, datasets=datasets)
-
-
 # ---------------------------------------------------------------- evaluation (in-process)
 class Scorer:
     """Summed and averaged completion log-probs of pairs under an exported model, with
@@ -294,7 +284,7 @@ def run(args) -> dict:
     fits = {"sft": fit(sft_cfg)}  # simpo-ray sft, end to end
     sft_dir = fits["sft"]["export"]
     # The preference runs share one tokenized copy of the data (and DPO one reference pass).
-    from simpo_ray.train import prepare
+    from simpo_ray.train import prepare, with_reference
 
     prepared = {"simpo": prepare(config(base, "prepare", b["pref_steps"], model={"name_or_path": sft_dir}))}
     assert prepared["simpo"].plan.pad_id == 0

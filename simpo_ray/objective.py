@@ -21,10 +21,12 @@ class Loss:
     rows: str               # "pairs" (chosen then rejected) or "chosen" (SFT)
     target_margin: bool     # margin_reached counts pairs whose margin >= gamma
     note: str
+    beta: float = 0.1       # the recipe's beta (`simpo-ray compare` uses it unless simpo.beta is given)
 
 
 LOSSES = {x.name: x for x in (
-    Loss("simpo", "average", False, "pairs", True, "SimPO (arXiv 2405.14734): beta, gamma_beta_ratio or gamma"),
+    Loss("simpo", "average", False, "pairs", True, "SimPO (arXiv 2405.14734): beta, gamma_beta_ratio or gamma",
+         beta=2.0),
     Loss("dpo", "sum", True, "pairs", False, "DPO: typical beta 0.1"),
     Loss("ipo", "average", True, "pairs", False, "IPO: target 1/(2 beta)"),
     Loss("cpo", "sum", False, "pairs", False, "CPO: add sft_weight 1.0 for its NLL term"),

@@ -12,7 +12,8 @@ Per probe, in the metrics line (``GEN_KEYS``): the median reply length in tokens
 characters, and the share of replies that are unfinished (hit ``generate_max_tokens``
 without a stop id), that loop (a token ``REPEAT_N``-gram occurring ``REPEAT_MIN`` times
 or more) and that are empty (nothing but whitespace before the stop id). The texts go
-to ``generations.jsonl`` in the run folder. ``generation_alarm`` compares each probe
+to ``generations.jsonl`` in the run folder; ``gen/seconds`` is the time the probe took.
+``generation_alarm`` compares each probe
 with the step-0 one: ``alarm/generation``.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -111,6 +113,7 @@ def probe(engine, cfg, plan, model_path: str, step: int) -> dict:
     prompts = plan.probe_prompts[:cfg.eval.generate_prompts]
     if not prompts:
         return {}
+    started = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = -(-len(prompts) // world)
     mine = prompts[rank::world]
@@ -143,7 +146,8 @@ def probe(engine, cfg, plan, model_path: str, step: int) -> dict:
             for r in every:
                 f.write(json.dumps({"step": step, "prompt_id": r["prompt_id"], "text": r["text"],
                                     "tokens": r["tokens"], "finished": r["finished"]}) + "\n")
-    return summarize(every)
+    # gen/seconds: this rank's time in the probe (benchmarks/probes_cost.py adds them up).
+    return {**summarize(every), "gen/seconds": round(time.perf_counter() - started, 3)}
 
 
 def generation_alarm(report: dict, state, e, rank: int = 0):

@@ -194,12 +194,26 @@ def progress_callback(run_dir: str, total_steps: int):
     return Progress()
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Ray up, data read/validated/tokenized once (plus reference log-probs for the
-    losses that need them), the plan computed."""
+def with_reference(prepared: Prepared, cfg: RunConfig) -> Prepared:
+    """``prepared`` with reference log-prob columns (one pass of the starting model over
+    the data) when ``cfg``'s loss needs them and they are not there yet; else as is."""
+    from simpo_ray.objective import LOSSES
+
+    if not LOSSES[cfg.simpo.loss].needs_reference or "ref_chosen_logps" in prepared.datasets["train"].columns():
+        return prepared
+    from simpo_ray.reference import add_reference_logps
+
+    print(f"[simpo-ray] loss '{cfg.simpo.loss}' needs reference log-probs: one pass over the data")
+    datasets = {k: add_reference_logps(v, cfg, prepared.model_path, prepared.plan.pad_id)
+                for k, v in prepared.datasets.items()}
+    return dataclasses.replace(prepared, datasets=datasets)
+
+
+def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
+    """Ray up, data read/validated/tokenized once (plus, with ``reference``, reference
+    log-probs for the losses that need them: ``with_reference``), the plan computed."""
     from simpo_ray.data import prepare_datasets
     from simpo_ray.models import check_model_folder, resolve_model_path
-    from simpo_ray.objective import LOSSES
 
     init_ray(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
@@ -211,11 +225,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     datasets = {"train": data["train"]}
     if data["eval"] is not None:
         datasets["eval"] = data["eval"]
-    if LOSSES[cfg.simpo.loss].needs_reference:
-        from simpo_ray.reference import add_reference_logps
-
-        print(f"[simpo-ray] loss '{cfg.simpo.loss}' needs reference log-probs: one pass over the data")
-        datasets = {k: add_reference_logps(v, cfg, model_path, plan.pad_id) for k, v in datasets.items()}
     print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
           f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
     if cfg.data.token_budget:
@@ -226,7 +235,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
               f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
               f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
-    return Prepared(cfg=cfg, datasets=datasets, plan=plan, stats=stats, model_path=model_path)
+    prepared = Prepared(cfg=cfg, datasets=datasets, plan=plan, stats=stats, model_path=model_path)
+    return with_reference(prepared, cfg) if reference else prepared
 
 
 # Fields a resumed run may change: where the run is and how often it logs, evaluates,
