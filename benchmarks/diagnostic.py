@@ -128,6 +128,7 @@ def config(base: dict, name: str, steps: int, **sections):
         d.setdefault(sec, {}).update(vals)
     d["output"]["name"] = name
     d["train"].update(max_steps=steps, eval_every=steps, checkpoint_every=steps)
+    d.setdefault("eval", {})["generate_every"] = 0  # generations are scored after training, below
     return RunConfig.from_dict(d)
 
 

@@ -30,8 +30,8 @@ def main(argv=None) -> dict:
     overrides = list(argv if argv is not None else sys.argv[1:])
     root = tempfile.mkdtemp(prefix="probes-cost-")
     base = [f"output.root={root}", "output.export=false", *overrides]
-    on = RunConfig.from_yaml(os.path.join(REPO, "examples", "tiny_cpu.yaml"), [*base, "output.name=on"])
-    off = RunConfig.from_yaml(os.path.join(REPO, "examples", "tiny_cpu.yaml"), [*base, "output.name=off",
+    on = RunConfig.from_yaml(os.path.join(REPO, "examples", "tiny_cpu.yaml"), [*base, "output.name=probes-on"])
+    off = RunConfig.from_yaml(os.path.join(REPO, "examples", "tiny_cpu.yaml"), [*base, "output.name=probes-off",
                                                                                   "eval.generate_every=0"])
     prepared = prepare(on)  # with the probes' prompts; the off run ignores them
     out = {}

@@ -7,7 +7,8 @@ family made once (``train.with_reference``), every run goes through ``train.fit`
 Each loss trains with its recipe's beta (``objective.LOSSES``; the config's own beta for
 the config's own loss) unless ``simpo.beta`` is given on the command line.
 
-Folder (``output.root/output.name``): one run folder per loss (``simpo/``, ``dpo/``...:
+Folder (``output.root/<output.name>-compare``, apart from a training run of the same
+name): one run folder per loss (``simpo/``, ``dpo/``...:
 config, metrics, checkpoints, ``model/``), ``heldout.jsonl`` (the held-out rows, when
 the held-out pairs are a split of the training files), and the report
 (``report.md``, ``report.json``, plots, ``generations.jsonl``). Rerunning resumes
@@ -22,6 +23,10 @@ from pathlib import Path
 from simpo_ray.config import ConfigError, RunConfig
 
 HELDOUT_FILE = "heldout.jsonl"
+
+
+def compare_dir(cfg: RunConfig) -> Path:
+    return cfg.output.run_dir.parent / f"{cfg.output.name}-compare"
 
 
 def loss_config(cfg: RunConfig, loss: str, beta_given: bool) -> RunConfig:
@@ -71,7 +76,7 @@ def run_compare(cfg: RunConfig, losses: list, beta_given: bool = False, reward_m
     if bad or len(set(losses)) != len(losses) or not losses:
         raise ConfigError("--losses", f"a list of distinct pair losses from {', '.join(PAIR_LOSSES)}, got {losses}")
     cfg.validate()
-    folder = Path(cfg.output.run_dir)
+    folder = compare_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, reference=False)
     heldout = heldout_file(prepared, folder)

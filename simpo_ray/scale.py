@@ -287,9 +287,10 @@ def run_scale(cfg: RunConfig, sizes: list, steps: int, out_dir: Path, peak_tflop
 
 def rung_config(cfg: RunConfig, label: str, steps: int, stamp: int) -> RunConfig:
     """A rung's run: ``steps`` steps, a report each, one checkpoint at the end, no
-    held-out pass, no export, in a run folder of its own."""
+    held-out pass, no generation probe, no export, in a run folder of its own."""
     d = cfg.to_dict()
     d["train"].update(max_steps=steps, log_every=1, eval_every=10**9, checkpoint_every=steps, max_failures=0)
+    d["eval"]["generate_every"] = 0
     d["output"].update(name=f"scale-{label}-{stamp}", export=False, keep_checkpoints=1)
     return RunConfig.from_dict(d)
 

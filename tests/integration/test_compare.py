@@ -23,7 +23,7 @@ def test_compare_simpo_and_dpo_then_eval_one_run(ray_local, tmp_path, capsys):
                "train.checkpoint_every=100", "--losses", "simpo,dpo", "--prompts", str(PROMPTS),
                "--max-tokens", str(TOKENS)])
     assert rc == 0
-    folder = tmp_path / "cmp"
+    folder = tmp_path / "cmp-compare"
     out = capsys.readouterr().out
     report = json.loads((folder / "report.json").read_text())
     assert set(report["models"]) == {"baseline", "simpo", "dpo"}

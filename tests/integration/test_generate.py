@@ -41,7 +41,7 @@ EXAMPLE = os.path.join(REPO, "examples", "onpolicy_tiny_cpu.yaml")
 def _overrides(root, name, prompts, **over):
     overrides = [f"output.root={root}", f"output.name={name}", f"data.train_files={prompts}",
                  "model.tiny.intermediate_size=128", "generate.max_tokens=24", "generate.max_prompts=16",
-                 "train.eval_every=1"]
+                 "train.eval_every=1", "eval.generate_every=0"]
     return overrides + [f"{k}={v}" for k, v in over.items()]
 
 

@@ -37,7 +37,7 @@ STEPS = 6  # rungs at 2 and 4 (grace period 2, reduction factor 2)
 def _cmd(storage):
     return [sys.executable, "-m", "simpo_ray.cli", "tune", SWEEP, f"storage={storage}",
             f"search_space.optim.lr={{grid: {LRS}}}", f"train.max_steps={STEPS}", "train.max_bad_steps=1",
-            "train.max_failures=0"]
+            "train.max_failures=0", "eval.generate_every=0"]
 
 
 def _env():
