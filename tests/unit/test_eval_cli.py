@@ -66,3 +66,15 @@ def test_eval_of_a_folder_without_a_model_exits_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--data", "x.jsonl"]) == 2
     err = capsys.readouterr().err
     assert "neither a model folder" in err and "Traceback" not in err
+
+
+def test_categories_are_keyed_like_the_data_layer_keys_its_rows(tmp_path):
+    from simpo_ray.evaluation import _categories
+    from simpo_ray.sources import iter_file_rows
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "category": "math"}\n'
+                 '{"prompt": "d", "chosen": "e", "rejected": "f"}\n'
+                 '{"prompt": "g", "chosen": "h", "rejected": "i", "category": "code"}\n')
+    rows = [n for n, _ in iter_file_rows(str(f))]  # the row numbers training and eval key pairs by
+    assert _categories([str(f)]) == {(str(f), rows[0]): "math", (str(f), rows[2]): "code"}
