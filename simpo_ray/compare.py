@@ -70,6 +70,7 @@ def run_compare(cfg: RunConfig, losses: list, beta_given: bool = False, reward_m
     """Train every loss of ``losses`` on ``cfg`` and evaluate them; returns the report."""
     from simpo_ray.evaluation import Model, eval_config, evaluate
     from simpo_ray.objective import PAIR_LOSSES
+    from simpo_ray.tracking import RunInfo
     from simpo_ray.train import fit, prepare, with_reference
 
     bad = [x for x in losses if x not in PAIR_LOSSES]
@@ -85,7 +86,8 @@ def run_compare(cfg: RunConfig, losses: list, beta_given: bool = False, reward_m
         lcfg = loss_config(cfg, loss, beta_given)
         print(f"[simpo-ray] compare: {loss} (beta {lcfg.simpo.beta:g}) -> {folder / loss}", flush=True)
         prepared = with_reference(prepared, lcfg)
-        _, summary = fit(lcfg, prepared, name=loss, storage=str(folder))
+        _, summary = fit(lcfg, prepared, name=loss, storage=str(folder),
+                         tracking=RunInfo(loss, group=folder.name, tags={"method": loss}))
         if not summary["finished"]:
             raise RuntimeError(f"the {loss} run stopped before its last step ({summary['run_dir']}); rerun to continue")
         walls[loss] = {"wall_s": summary["wall_s"]}

@@ -23,8 +23,9 @@ import yaml
 # The sections RunConfig holds; TinyModelConfig and RewardConfig (held by those) and
 # ConfigError are re-exported so ``from simpo_ray.config import X`` works for all of them.
 from simpo_ray.sections import (ConfigError, DataConfig, DeepSpeedConfig, EvalConfig, ModelConfig, OptimConfig,
-                                OutputConfig, RayConfig, SimPOConfig, TinyModelConfig, TrainConfig)
+                                RayConfig, SimPOConfig, TinyModelConfig, TrainConfig)
 from simpo_ray.sections_generate import GenerateConfig, RewardConfig
+from simpo_ray.sections_output import OutputConfig
 
 __all__ = ["OBJECTIVE", "ConfigError", "RunConfig", "TinyModelConfig", "ModelConfig", "DataConfig", "SimPOConfig",
            "OptimConfig", "TrainConfig", "EvalConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig", "RewardConfig",

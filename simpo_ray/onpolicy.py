@@ -28,6 +28,7 @@ from pathlib import Path
 from simpo_ray.config import RunConfig, check_rerun
 from simpo_ray.generate import GENERATE_FREE, run_generation
 from simpo_ray.generators import start_generators, stop_actors
+from simpo_ray.tracking import RunInfo
 
 DONE = "round.json"
 SETTINGS = "iterate_settings.json"
@@ -118,7 +119,8 @@ def iterate(cfg: RunConfig, rounds: int | None = None) -> dict:
                 gen = run_generation(cfg, policy, gen_dir, round_index=k, generators=generators)
             print(f"[simpo-ray] round {k}: {gen['pairs']} pairs from {gen['prompts']} prompts "
                   f"(dropped {gen['dropped'] or 'none'})", flush=True)
-            _, summary = train(round_config(cfg, k, policy, gen_dir / "pairs"))
+            _, summary = train(round_config(cfg, k, policy, gen_dir / "pairs"),
+                               tracking=RunInfo(rd.name, group=cfg.output.name, tags={"round": k}))
             if not summary["finished"]:
                 finished = False
                 print(f"[simpo-ray] round {k}: training stopped early; rerun to continue", flush=True)

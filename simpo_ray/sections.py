@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Union
 
 from simpo_ray.objective import LOSS_NAMES
@@ -296,33 +295,6 @@ class DeepSpeedConfig:
         _choice(f"{path}.stage", self.stage, (0, 1, 2, 3))
         if self.offload_params and self.stage != 3:
             raise ConfigError(f"{path}.offload_params", "parameter offload needs stage 3")
-
-
-@dataclass
-class OutputConfig:
-    # Run folder = root/name. Rerunning with the same name resumes from the latest checkpoint.
-    root: str = "runs"
-    name: str = "simpo"
-    export: bool = True
-    keep_checkpoints: int = 2
-    # Where Ray Train persists checkpoints (storage/name/checkpoint_*): a path every node
-    # sees, or a URI pyarrow.fs understands (s3://bucket/prefix, gs://..., file:///...).
-    # None: root. Resume reads from here too.
-    storage: Optional[str] = None
-
-    def validate(self, path: str) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigError(f"{path}.name", f"must be a non-empty folder name, got {self.name!r}")
-        _positive(f"{path}.keep_checkpoints", self.keep_checkpoints)
-        if "://" in self.root:
-            raise ConfigError(f"{path}.root", f"must be a local or shared-mount path, got {self.root!r}; "
-                                              "put object-store URIs in output.storage")
-        if self.storage is not None and not self.storage:
-            raise ConfigError(f"{path}.storage", "must be a path or URI, or null")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.root).expanduser().resolve() / self.name
 
 
 @dataclass

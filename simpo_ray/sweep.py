@@ -73,12 +73,14 @@ def run_trial(config: dict, *, prepared, train_root: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from simpo_ray.tracking import RunInfo
     from simpo_ray.train import fit
 
     cfg = trial_config(prepared.cfg.to_dict(), config)
     trial_id = ray.tune.get_context().get_trial_id()
     try:
-        fit(cfg, prepared, callbacks=[TuneReportCallback()], name=trial_id, storage=train_root)
+        fit(cfg, prepared, callbacks=[TuneReportCallback()], name=trial_id, storage=train_root,
+            tracking=RunInfo(trial_id, group=Path(train_root).parent.name, params=config))
     except Exception as e:
         why = diverged_error(e)
         if why is None:

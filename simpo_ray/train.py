@@ -246,7 +246,8 @@ def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
 RUN_FREE = ("output.root", "output.name", "output.storage", "output.export", "output.keep_checkpoints", "ray",
             "generate", "train.stop_after", "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.max_failures", "train.max_bad_steps", "train.cpus_per_worker", "train.num_workers",
-            "train.stop_on_alarm", "eval", "model.gradient_checkpointing", "model.logps_chunk_size")
+            "train.stop_on_alarm", "eval", "model.gradient_checkpointing", "model.logps_chunk_size",
+            "output.trackers", "output.trackers_required", "output.mlflow", "output.tensorboard", "output.wandb")
 RUN_RECORD = "run_config.json"  # the config the run's checkpoints were made with
 
 
@@ -273,7 +274,7 @@ def check_run_identity(cfg: RunConfig, run_dir: Path, allow: bool = False) -> li
 
 
 def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str] = None,
-        storage: Optional[str] = None, allow_config_change: bool = False):
+        storage: Optional[str] = None, allow_config_change: bool = False, tracking=None):
     """One training run (or its resume) of ``cfg`` on prepared data: the only place a
     ``TorchTrainer`` is built. N DeepSpeed workers over gloo (CPU) or NCCL (GPU).
 
@@ -283,12 +284,15 @@ def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str]
     ``storage`` is given (a local path, as sweeps give it), else ``output.run_dir``.
     ``callbacks``: Ray Train callbacks besides the progress line (e.g. Tune's). A rerun
     that would resume under another config is refused (``check_run_identity``).
+    ``tracking``: a ``tracking.RunInfo`` (group, params, tags) for ``output.trackers``,
+    which are opened here, before any worker, and follow metrics.jsonl while it trains.
     Returns (ray Result, summary dict)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from simpo_ray.data import ingest_config
     from simpo_ray.pgroup import on_loopback, torch_config
+    from simpo_ray.tracking import RunInfo, open_trackers
     from simpo_ray.worker import train_loop_per_worker
 
     run_dir = Path(storage) / name if storage and name else cfg.output.run_dir
@@ -317,11 +321,22 @@ def fit(cfg: RunConfig, prepared: Prepared, callbacks=(), *, name: Optional[str]
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=[progress_callback(str(run_dir), plan.total_steps), *callbacks]),
     )
-    with graceful_stop(run_dir / STOP_FILE):
-        result = trainer.fit()
+    trackers = open_trackers(cfg, run_dir, tracking or RunInfo(name), prepared.stats)
+    try:
+        with graceful_stop(run_dir / STOP_FILE):
+            if trackers:
+                trackers.follow(run_dir / "metrics.jsonl")
+            result = trainer.fit()
+    except BaseException:
+        if trackers:
+            trackers.finish(None, None, finished=False)
+        raise
     (run_dir / STOP_FILE).unlink(missing_ok=True)
     final = result.metrics or {}
     total_steps = final.get("total_steps", plan.total_steps)  # exact from the workers
+    if trackers:
+        done, card = final.get("step", 0) >= total_steps, Path(plan.export_dir) / "README.md"
+        trackers.finish(str(card) if done and cfg.output.export and card.is_file() else None, plan.export_dir, done)
     summary = {
         "finished": final.get("step", 0) >= total_steps,
         "run_dir": str(run_dir), "total_steps": total_steps,
@@ -355,15 +370,16 @@ def graceful_stop(stop_file: Path):
             signal.signal(sig, handler)
 
 
-def train(cfg: RunConfig, allow_config_change: bool = False):
-    """Run (or resume) one training run. Returns (ray Result, summary dict)."""
+def train(cfg: RunConfig, allow_config_change: bool = False, tracking=None):
+    """Run (or resume) one training run (``tracking``: as ``fit`` takes it). Returns
+    (ray Result, summary dict)."""
     cfg.validate()
     started = time.time()
     if cfg.output.run_dir.is_dir():  # refuse a changed config before the data is read
         check_run_identity(cfg, cfg.output.run_dir, allow_config_change)
     prepared = prepare(cfg)
     print(f"[simpo-ray] run folder {cfg.output.run_dir}")
-    result, summary = fit(cfg, prepared, allow_config_change=allow_config_change)
+    result, summary = fit(cfg, prepared, allow_config_change=allow_config_change, tracking=tracking)
     summary["wall_s"] = round(time.time() - started, 1)
     (cfg.output.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return result, summary

@@ -172,14 +172,18 @@ SECRET = "hf_FAKEsecret0123456789abcdef"
 
 def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
     """The real command in its own process and Ray cluster. Secrets set in its
-    environment (hub token, tracking key) must appear in none of its outputs."""
+    environment (hub token, tracking keys) must appear in none of its outputs, the
+    trackers' files included (MLflow's default file store beside the run folder,
+    TensorBoard events, a W&B offline run)."""
     from tests.conftest import REPO
 
     args = cli_train(tmp_path, "term", *SMALL_MODEL, "train.max_steps=60", "train.log_every=1",
-                     "train.checkpoint_every=50")
+                     "train.checkpoint_every=50", "output.trackers=[mlflow, tensorboard, wandb]",
+                     "output.wandb.mode=offline")
     run_dir = tmp_path / "term"
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", HF_TOKEN=SECRET, WANDB_API_KEY=SECRET))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", HF_TOKEN=SECRET, WANDB_API_KEY=SECRET,
+                                     MLFLOW_TRACKING_TOKEN=SECRET))
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -197,8 +201,10 @@ def test_sigterm_on_the_driver_checkpoints_and_exits_cleanly(tmp_path):
     assert lines[-1]["step"] < 60 and lines[-1].get("checkpoint")
     assert json.loads((run_dir / "summary.json").read_text())["finished"] is False
     assert SECRET not in output
-    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in files) and any(p.name == "metrics.jsonl" for p in files)
+    assert any("mlruns" in p.parts for p in files) and any(p.name.startswith("events.out.tfevents") for p in files)
+    assert any(p.suffix == ".wandb" for p in files)
     for p in files:
         assert SECRET.encode() not in p.read_bytes(), p
 

@@ -10,6 +10,7 @@ loads as a training config, the plot is a PNG.
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ STEPS = 6  # rungs at 2 and 4 (grace period 2, reduction factor 2)
 def _cmd(storage):
     return [sys.executable, "-m", "simpo_ray.cli", "tune", SWEEP, f"storage={storage}",
             f"search_space.optim.lr={{grid: {LRS}}}", f"train.max_steps={STEPS}", "train.max_bad_steps=1",
-            "train.max_failures=0", "eval.generate_every=0"]
+            "train.max_failures=0", "eval.generate_every=0", "output.trackers=[mlflow]"]
 
 
 def _env():
@@ -158,3 +159,21 @@ def test_best_config_loads_as_training_config(sweep):
 def test_plot_is_a_png(sweep):
     with open(sweep["exp"] / "sweep.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_trial_is_one_mlflow_run_grouped_under_the_sweep(sweep):
+    """MLflow's default file store beside the trials: one experiment named after the
+    sweep, one run per trial (the one resumed after the kill continued its run), with
+    the trial's sampled values as params."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient((sweep["exp"] / "trials" / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
+    by_trial = {r.info.run_name: r for r in runs}
+    assert len(runs) == len(LRS) and set(by_trial) == set(sweep["after"])
+    for tid, run in by_trial.items():
+        assert float(run.data.params["search.optim.lr"]) in LRS and run.data.tags["group"] == NAME
+        assert json.loads((sweep["exp"] / "trials" / tid / "trackers.json").read_text())["mlflow"] == run.info.run_id
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        reported = [m["step"] for m in sweep["after"][tid] if math.isfinite(m.get("loss", float("nan")))]
+        assert sorted(set(steps)) == sorted(set(reported))

@@ -69,13 +69,14 @@ def test_loss_names_come_from_the_loss_table():
 
 
 def test_sections_are_importable_from_config():
-    from simpo_ray import config, sections, sections_generate
+    from simpo_ray import config, sections, sections_generate, sections_output
 
     for name in config.__all__:
         assert hasattr(config, name), name
     for name in ("ConfigError", "TinyModelConfig", "ModelConfig", "DataConfig", "SimPOConfig", "OptimConfig",
-                 "TrainConfig", "DeepSpeedConfig", "OutputConfig", "RayConfig"):
+                 "TrainConfig", "DeepSpeedConfig", "RayConfig"):
         assert getattr(config, name) is getattr(sections, name)
+    assert config.OutputConfig is sections_output.OutputConfig
     for name in ("RewardConfig", "GenerateConfig"):
         assert getattr(config, name) is getattr(sections_generate, name)
 

@@ -1,0 +1,73 @@
+"""Trackers without Ray: the config section, what a metrics line becomes, and the follower
+on a real TensorBoard writer and a real MLflow file store: lines appended to
+metrics.jsonl (a half-written one included) reach the tracker once, with their step; a
+second open of the same run folder continues the same tracker runs."""
+
+import json
+
+import pytest
+
+from simpo_ray.config import ConfigError, RunConfig
+from simpo_ray.tracking import RunInfo, flatten, numeric, open_trackers
+
+
+def test_the_output_section_checks_trackers():
+    cfg = RunConfig.from_dict({"output": {"trackers": ["mlflow", "wandb"], "wandb": {"mode": "offline"}}})
+    assert cfg.output.trackers == ["mlflow", "wandb"] and cfg.output.trackers_required
+    for bad, field in (({"trackers": ["mlfow"]}, "output.trackers[0]"), ({"trackers": ["mlflow", "mlflow"]},
+                       "output.trackers"), ({"wandb": {"mode": "cloud"}}, "output.wandb.mode"),
+                       ({"mlflow": {"tracking_uri": "https://u:pw@host:5000"}}, "output.mlflow.tracking_uri")):
+        with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+            RunConfig.from_dict({"output": bad})
+
+
+def test_flatten_and_numeric():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {"a.b": 1, "a.c": "[1, 2]", "d": "null",
+                                                                           "e": "{}"}
+    line = {"step": 3, "time": 1.0, "attempt": 1, "loss": 0.5, "alarm/x": True, "alarm/y": False,
+            "checkpoint": "/p", "ranks_micro_batches": [2, 2], "eval/acc": 1, "none": None}
+    assert numeric(line) == {"loss": 0.5, "alarm/x": 1.0, "alarm/y": 0.0, "eval/acc": 1.0}
+
+
+def _lines(path, *lines, partial=""):
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(m) + "\n" for m in lines) + partial)
+
+
+def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    metrics = run_dir / "metrics.jsonl"
+    cfg = RunConfig.from_dict({"output": {"root": str(tmp_path / "runs"), "name": "r",
+                                          "trackers": ["mlflow", "tensorboard"]}})
+    _lines(metrics, {"step": 0, "eval/acc": 0.5})  # an earlier invocation's line: not logged again
+    t = open_trackers(cfg, run_dir, RunInfo("r", group="g", params={"optim.lr": 0.1}, tags={"round": 1}),
+                      {"fingerprint": "fp"})
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    t.follow(metrics)
+    _lines(metrics, {"step": 1, "loss": 2.0, "alarm/a": False}, partial='{"step": 2, "lo')
+    t._poll(metrics)
+    _lines(metrics, {"step": 5}, partial='ss": 1.5}\n')  # the rest of the half-written line, and another
+    t.finish(None, None, finished=False)
+    again = open_trackers(cfg, run_dir, RunInfo("r", group="g"), {"fingerprint": "fp"})
+    assert json.loads((run_dir / "trackers.json").read_text()) == ids  # the same runs continue
+    again.follow(metrics)
+    _lines(metrics, {"step": 3, "loss": 1.0})
+    again.finish(None, None, finished=True)
+
+    client = MlflowClient((tmp_path / "runs" / "mlruns").as_uri())
+    run = client.get_run(ids["mlflow"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        (1, 2.0), (2, 1.5), (3, 1.0)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "alarm/a")] == [0.0]
+    assert not client.get_metric_history(run.info.run_id, "eval/acc")
+    assert run.data.params["search.optim.lr"] == "0.1" and run.data.params["output.name"] == "r"
+    assert run.data.tags["group"] == "g" and run.data.tags["round"] == "1" and run.data.tags["data.fingerprint"] == "fp"
+    assert client.get_experiment(run.info.experiment_id).name == "g"
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.0), (2, 1.5), (3, 1.0)]
