@@ -28,6 +28,7 @@ import os
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -108,6 +109,8 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         m = cfg.output.mlflow
+        if m.tracking_uri is None:  # MLflow 3 keeps its file store only on request
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri = m.tracking_uri or (Path(run_dir).parent / "mlruns").resolve().as_uri()
         self.client, self.log_model = MlflowClient(self.uri), m.log_model
         if resume:
@@ -153,7 +156,9 @@ class TensorboardTracker:
 
         base = Path(cfg.output.tensorboard.dir) / info.name if cfg.output.tensorboard.dir else run_dir / "tensorboard"
         self.dir = str(base)
-        self.writer = SummaryWriter(logdir=self.dir)
+        # One event file per invocation; the default name has only the second and the host,
+        # so a quick rerun would overwrite the previous file.
+        self.writer = SummaryWriter(logdir=self.dir, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
         if not resume:
             table = "\n".join(f"| {k} | {v} |" for k, v in {**tags, **params}.items())
             self.writer.add_text("config", "| key | value |\n|---|---|\n" + table, 0)
@@ -182,7 +187,7 @@ class WandbTracker:
         import wandb
 
         w = cfg.output.wandb
-        run_id = resume or wandb.util.generate_id()
+        run_id = resume or uuid.uuid4().hex[:8]  # W&B's own id shape: 8 of [0-9a-z]
         try:
             self.run = wandb.init(project=w.project or "simpo-ray", entity=w.entity, mode=w.mode, id=run_id,
                                   resume="allow", name=info.name, group=info.group, dir=str(run_dir),

@@ -134,7 +134,7 @@ def test_asha_stops_trials_early_and_divergence_is_marked(sweep):
     reasons = [r["stop_reason"] for r in rows.values()]
     assert set(reasons) <= {"completed", "early stopped (asha)"}, rows
     early = [r for r in rows.values() if r["stop_reason"] == "early stopped (asha)"]
-    assert early and all(int(r["steps"]) < int(r["total_steps"]) for r in early)
+    assert early and all(int(r["steps"]) < int(r["total_steps"]) for r in early), rows
     assert "completed" in reasons
     for r in rows.values():
         assert 0.0 <= float(r["best_accuracy"]) <= 1.0 and r["simpo.beta"] and r["simpo.gamma_beta_ratio"]
@@ -161,12 +161,13 @@ def test_plot_is_a_png(sweep):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_each_trial_is_one_mlflow_run_grouped_under_the_sweep(sweep):
+def test_each_trial_is_one_mlflow_run_grouped_under_the_sweep(sweep, monkeypatch):
     """MLflow's default file store beside the trials: one experiment named after the
     sweep, one run per trial (the one resumed after the kill continued its run), with
     the trial's sampled values as params."""
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only on request
     client = MlflowClient((sweep["exp"] / "trials" / "mlruns").as_uri())
     runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
     by_trial = {r.info.run_name: r for r in runs}

@@ -7,7 +7,6 @@ the metrics.jsonl values under the same steps. Secrets in the environment appear
 file of the run, no tracker param or tag, and no output."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -57,22 +56,48 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
+def _wandb_records(path):
+    """The records of a W&B run file (``run-<id>.wandb``): a 7-byte header (":W&B", magic,
+    version), then LevelDB-log blocks of 32 KiB whose records (crc32, length, type:
+    full / first / middle / last) carry protobuf ``Record`` messages."""
+    import struct
+
+    data, pos, parts = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # zero padding up to the block's end
+            pos += room
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            parts = chunk
+        elif kind == 3:
+            parts += chunk
+        elif kind == 4:
+            yield parts + chunk
+
+
 def _wandb_history(run_dir):
-    """step -> logged values, from every offline W&B run file of the run folder."""
+    """step -> logged values, from every offline W&B run file of the run folder, and the run ids."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
 
     out, ids = {}, set()
     for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
         ids.add(f.stem.removeprefix("run-"))
-        ds = DataStore()
-        ds.open_for_scan(str(f))
-        while (data := ds.scan_data()) is not None:
+        for raw in _wandb_records(f):
             rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(data)
+            rec.ParseFromString(raw)
             if rec.WhichOneof("record_type") == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-                out[int(items["_step"])] = items
+                step = int(items.get("_step", rec.history.step.num))
+                out[step] = items
     return out, ids
 
 

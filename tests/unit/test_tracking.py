@@ -50,7 +50,8 @@ def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
     t.follow(metrics)
     _lines(metrics, {"step": 1, "loss": 2.0, "alarm/a": False}, partial='{"step": 2, "lo')
     t._poll(metrics)
-    _lines(metrics, {"step": 5}, partial='ss": 1.5}\n')  # the rest of the half-written line, and another
+    with open(metrics, "a") as f:  # the rest of the half-written line, then one without metrics
+        f.write('ss": 1.5}\n' + json.dumps({"step": 5}) + "\n")
     t.finish(None, None, finished=False)
     again = open_trackers(cfg, run_dir, RunInfo("r", group="g"), {"fingerprint": "fp"})
     assert json.loads((run_dir / "trackers.json").read_text()) == ids  # the same runs continue
