@@ -20,7 +20,7 @@ PROMPTS, TOKENS = 8, 16
 
 def test_compare_simpo_and_dpo_then_eval_one_run(ray_local, tmp_path, capsys):
     rc = main(["compare", TINY_CPU, f"output.root={tmp_path}", "output.name=cmp", *TINY, "train.max_steps=3",
-               "train.checkpoint_every=100", "--losses", "simpo,dpo", "--prompts", str(PROMPTS),
+               "train.checkpoint_every=100", "output.trackers=[mlflow]", "--losses", "simpo,dpo", "--prompts", str(PROMPTS),
                "--max-tokens", str(TOKENS)])
     assert rc == 0
     folder = tmp_path / "cmp-compare"
@@ -59,6 +59,14 @@ def test_compare_simpo_and_dpo_then_eval_one_run(ray_local, tmp_path, capsys):
     assert len(gens) == 3 * PROMPTS and all(g["tokens"] <= TOKENS for g in gens)
     assert all(isinstance(g["reward"], float) for g in gens)
     assert "randomly initialised" in out and report["verdict"][0] in out
+
+    # one tracker run per method, grouped under the compare folder
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((folder / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("cmp-compare").experiment_id])
+    assert sorted((r.info.run_name, r.data.tags["method"]) for r in runs) == [("dpo", "dpo"), ("simpo", "simpo")]
 
     # eval alone, on a run folder: its model/, its method from the card, its run's memory
     rc = main(["eval", str(folder / "simpo"), "--data", str(folder / "heldout.jsonl"), "--prompts", "4",

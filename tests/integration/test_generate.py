@@ -191,7 +191,7 @@ def test_two_iterate_rounds_hand_the_weights_on(ray_local, tmp_path, prompt_file
 
     # one training worker: the round logic is what is tested here, ZeRO-3 across ranks elsewhere
     cfg = _cfg(tmp_path, "it", prompt_files[0], **{"generate.backend": BACKEND, "train.num_workers": 1,
-                                                   "train.total_batch_size": 4})
+                                                   "train.total_batch_size": 4, "output.trackers": "[mlflow]"})
     first = iterate(cfg, rounds=1)
     assert first["finished"] and len(first["rounds"]) == 1
     out = iterate(cfg, rounds=2)  # round 1 is kept, round 2 runs
@@ -227,3 +227,12 @@ def test_two_iterate_rounds_hand_the_weights_on(ray_local, tmp_path, prompt_file
     # a rerun resumes at the first unfinished round: here none is left
     again = iterate(cfg, rounds=2)
     assert again["rounds"] == out["rounds"]
+
+    # one tracker run per round (MLflow's default store beside the rounds), tagged with it
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((cfg.output.run_dir / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("it").experiment_id])
+    assert sorted((r.info.run_name, r.data.tags["round"], r.info.status) for r in runs) == [
+        ("round_001", "1", "FINISHED"), ("round_002", "2", "FINISHED")]
