@@ -117,14 +117,39 @@ class MlflowTracker:
             self.run_id = self.client.get_run(resume).info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        experiment = m.experiment or info.group or "simpo-ray"
-        found = self.client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        exp_id = self._experiment(m.experiment or info.group or "simpo-ray")
         run = self.client.create_run(exp_id, run_name=info.name, tags={k: str(v) for k, v in tags.items()})
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, made once. Trials of a sweep start side by side: a file
+        store is locked while it looks and creates (it does not refuse a second experiment
+        of the same name), a server refuses the second and it is looked up again."""
+        import contextlib
+
+        from mlflow.exceptions import MlflowException
+
+        lock = contextlib.nullcontext()
+        if self.uri.startswith("file:"):
+            import fcntl
+            from urllib.parse import urlparse
+            from urllib.request import url2pathname
+
+            root = Path(url2pathname(urlparse(self.uri).path))
+            root.mkdir(parents=True, exist_ok=True)
+            lock = open(root / ".simpo-ray-experiments.lock", "w")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with lock:
+            found = self.client.get_experiment_by_name(name)
+            if found:
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException:
+                return self.client.get_experiment_by_name(name).experiment_id
 
     @property
     def id(self) -> str:

@@ -72,3 +72,29 @@ def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+
+
+def test_trials_opening_side_by_side_share_one_experiment(tmp_path):
+    """Sweep trials start at once: a file store must still get one experiment per sweep."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from simpo_ray.tracking import MlflowTracker
+
+    cfg = RunConfig.from_dict({"output": {"root": str(tmp_path), "name": "t", "trackers": ["mlflow"]}})
+    made, start = [], threading.Barrier(8)
+
+    def trial(i):
+        start.wait()
+        made.append(MlflowTracker(cfg, tmp_path / "trials" / f"t{i}", RunInfo(f"t{i}", group="sweep"), {}, {}, None))
+
+    threads = [threading.Thread(target=trial, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    client = MlflowClient((tmp_path / "trials" / "mlruns").as_uri())
+    named = [e for e in client.search_experiments() if e.name == "sweep"]
+    assert len(made) == 8 and len(named) == 1
+    assert len(client.search_runs([named[0].experiment_id])) == 8
