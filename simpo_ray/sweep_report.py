@@ -147,6 +147,7 @@ def report(spec: SweepSpec, grid, prepared, exp_dir: Path) -> dict:
     rows = trial_rows(results, sorted(search_space(spec)), total_steps_of, spec.divergence.alarms,
                       asha=spec.scheduler.type == "asha")
     tables.write_csv(rows, exp_dir / "results.csv")
+    _close_trackers(results, rows, base_dict, exp_dir)
     notes = "".join(f"\n  {r['trial_id']} {r['stop_reason']}: {r['detail']}" for r in rows if r["detail"])
     table = tables.format_table(rows, [c for c in rows[0] if c not in HIDDEN_COLUMNS]) if rows else "(no trials)"
     print("[simpo-ray] sweep results:\n" + table + notes, flush=True)
@@ -174,6 +175,19 @@ def report(spec: SweepSpec, grid, prepared, exp_dir: Path) -> dict:
         print("[simpo-ray] the sweep was interrupted: rerun the same command to resume it", flush=True)
     (exp_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _close_trackers(results: list, rows: list, base_dict: dict, exp_dir: Path) -> None:
+    """Every trial's tracker runs get the lines they missed and are closed: Tune ends a
+    trial's actor once the trial stops, which can be before its last lines were logged."""
+    from simpo_ray.tracking import RunInfo, catch_up
+
+    reasons = {r["trial_id"]: r["stop_reason"] for r in rows}
+    for res in results:
+        tid = res["trial_id"]
+        catch_up(trial_config(base_dict, res["config"]), exp_dir / "trials" / tid,
+                 RunInfo(tid, group=exp_dir.name, params=res["config"]),
+                 finished=reasons.get(tid) in ("completed", "early stopped (asha)"))
 
 
 def _result(res, exp_dir: Path) -> dict:

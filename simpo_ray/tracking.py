@@ -243,8 +243,8 @@ KINDS = {t.name: t for t in (MlflowTracker, TensorboardTracker, WandbTracker)}
 class Trackers:
     """The open trackers of one run; ``follow`` logs metrics.jsonl as it grows."""
 
-    def __init__(self, run_dir: Path, opened: list):
-        self.run_dir, self.opened = Path(run_dir), opened
+    def __init__(self, run_dir: Path, opened: list, ids: dict):
+        self.run_dir, self.opened, self.ids = Path(run_dir), opened, ids
         self._stop, self._thread, self._offset = threading.Event(), None, 0
 
     def _poll(self, path: Path) -> None:
@@ -256,15 +256,21 @@ class Trackers:
                 line = f.readline()
                 if not line.endswith("\n"):  # a line being written: read it next time
                     break
-                self._offset = f.tell()
                 if line.strip():
                     m = json.loads(line)
                     for t in self.opened:
                         t.log(int(m.get("step", 0)), numeric(m))
+                self._offset = f.tell()
+        if self.ids.get("logged") != self._offset:  # how far the trackers have it: a rerun catches up
+            self.ids["logged"] = self._offset
+            _write_ids(self.run_dir, self.ids)
 
     def follow(self, path: Path):
-        """Start logging the lines appended to ``path`` from now on (a thread)."""
-        self._offset = path.stat().st_size if path.is_file() else 0
+        """Log the lines of ``path`` the trackers do not have yet (those after the offset
+        recorded in ``trackers.json``: a run whose process was killed, e.g. a sweep trial
+        Tune stopped, catches up when it is opened again), then what is appended (a thread)."""
+        size = path.stat().st_size if path.is_file() else 0
+        self._offset = min(int(self.ids.get("logged", size)), size)
 
         def loop():
             while not self._stop.wait(0.5):
@@ -310,6 +316,25 @@ def open_trackers(cfg, run_dir: Path, info: RunInfo, stats: dict) -> Optional[Tr
                 raise ConfigError("output.trackers", why + " (output.trackers_required: false trains on without it)")
             print(f"[simpo-ray] WARNING: {why}; training on without it (output.trackers_required: false)", flush=True)
     ids.update({t.name: t.id for t in opened})
-    record.write_text(json.dumps(ids, indent=1))
+    _write_ids(Path(run_dir), ids)
     print("[simpo-ray] trackers: " + ", ".join(f"{t.name} ({t.id})" for t in opened), flush=True)
-    return Trackers(run_dir, opened)
+    return Trackers(run_dir, opened, ids)
+
+
+def _write_ids(run_dir: Path, ids: dict) -> None:
+    tmp = run_dir / (TRACKERS_FILE + ".tmp")
+    tmp.write_text(json.dumps(ids, indent=1))
+    os.replace(tmp, run_dir / TRACKERS_FILE)
+
+
+def catch_up(cfg, run_dir, info: RunInfo, finished: bool) -> None:
+    """Log what a run's trackers missed (its process was killed after the last poll:
+    Tune ends a trial's actor once the trial stops) and close them; called by the
+    sweep's end for every trial with a ``trackers.json``."""
+    run_dir = Path(run_dir)
+    if not cfg.output.trackers or not (run_dir / TRACKERS_FILE).is_file():
+        return
+    trackers = open_trackers(cfg, run_dir, info, {})
+    if trackers:
+        trackers.follow(run_dir / "metrics.jsonl")
+        trackers.finish(None, None, finished)

@@ -21,6 +21,7 @@ from tests.integration.conftest import fit
 pytestmark = pytest.mark.slow
 
 SECRET = "mlflow-FAKE-token-0123456789"
+KINDS = ("mlflow", "tensorboard", "wandb")
 KEYS = ("loss", "rewards/accuracies", "lr", "sys/rss_mb", "eval/rewards/accuracies", "alarm/chosen_logp_collapse")
 
 
@@ -115,8 +116,11 @@ def test_mlflow_tensorboard_and_wandb_follow_the_metrics_and_a_resume(ray_local,
     assert not first["finished"]
     run_dir = tmp_path / "it"
     ids = json.loads((run_dir / "trackers.json").read_text())
+    assert set(ids) == {"mlflow", "tensorboard", "wandb", "logged"}
     _, _, summary, _ = fit(tmp_path, **over)
-    assert summary["finished"] and json.loads((run_dir / "trackers.json").read_text()) == ids
+    again = json.loads((run_dir / "trackers.json").read_text())
+    assert summary["finished"] and {k: again[k] for k in KINDS} == {k: ids[k] for k in KINDS}
+    assert again["logged"] == (run_dir / "metrics.jsonl").stat().st_size  # every line reached the trackers
     lines = read_reports(run_dir / "metrics.jsonl")  # every step once, as the tracker should have it
     expect = {k: {m["step"]: float(m[k]) for m in lines if k in m} for k in KEYS}
     assert sorted(expect["loss"]) == [1, 2, 3, 4] and sorted(expect["eval/rewards/accuracies"]) == [0, 2, 4]

@@ -54,7 +54,9 @@ def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
         f.write('ss": 1.5}\n' + json.dumps({"step": 5}) + "\n")
     t.finish(None, None, finished=False)
     again = open_trackers(cfg, run_dir, RunInfo("r", group="g"), {"fingerprint": "fp"})
-    assert json.loads((run_dir / "trackers.json").read_text()) == ids  # the same runs continue
+    now = json.loads((run_dir / "trackers.json").read_text())
+    assert {k: now[k] for k in ("mlflow", "tensorboard")} == {k: ids[k] for k in ("mlflow", "tensorboard")}
+    assert now["logged"] == metrics.stat().st_size  # the first session logged up to the end
     again.follow(metrics)
     _lines(metrics, {"step": 3, "loss": 1.0})
     again.finish(None, None, finished=True)
@@ -98,3 +100,28 @@ def test_trials_opening_side_by_side_share_one_experiment(tmp_path):
     named = [e for e in client.search_experiments() if e.name == "sweep"]
     assert len(made) == 8 and len(named) == 1
     assert len(client.search_runs([named[0].experiment_id])) == 8
+
+
+def test_a_killed_follower_is_caught_up_from_the_recorded_offset(tmp_path):
+    """A sweep trial's actor ended by Tune after its last poll: the sweep's end logs what
+    the tracker missed, from trackers.json's offset, and closes the run."""
+    from mlflow import MlflowClient
+
+    from simpo_ray.tracking import catch_up
+
+    run_dir = tmp_path / "trials" / "t1"
+    run_dir.mkdir(parents=True)
+    metrics = run_dir / "metrics.jsonl"
+    cfg = RunConfig.from_dict({"output": {"root": str(tmp_path), "name": "t1", "trackers": ["mlflow"]}})
+    t = open_trackers(cfg, run_dir, RunInfo("t1", group="sw"), {})
+    t.follow(metrics)
+    _lines(metrics, {"step": 1, "loss": 3.0})
+    t._poll(metrics)
+    _lines(metrics, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0})
+    t._stop.set()  # the process dies: no drain, no finish
+    t._thread.join()
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    catch_up(cfg, run_dir, RunInfo("t1", group="sw"), finished=True)
+    client = MlflowClient((tmp_path / "trials" / "mlruns").as_uri())
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert client.get_run(run_id).info.status == "FINISHED"
