@@ -165,6 +165,16 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _save_rate_plot(fig, ax, path: Path, ylabel: str, legend_size: int) -> None:
+    """The finish of a bar plot of rates in [0, 1]: axis, grid, legend beside it, saved."""
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=legend_size, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _pyplot():
     import matplotlib
 
@@ -194,14 +204,9 @@ def plot_accuracy_by_length(models: dict, path: Path) -> None:
         ax.bar([x - 0.4 + width * (j + 0.5) for x in xs], [acc[x] for x in xs], width, label=label,
                color=color, alpha=0.55 if hatch else 0.9, hatch=hatch, edgecolor="black", linewidth=0.5)
     ax.set_xticks([1, 2, 3, 4], ["Q1 (shortest)", "Q2", "Q3", "Q4 (longest)"])
-    ax.set_ylim(0, 1.05)
     ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("quartile of mean response length")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    _save(fig, path)
+    _save_rate_plot(fig, ax, path, "held-out accuracy", legend_size=7)
 
 
 def plot_reply_lengths(models: dict, path: Path) -> None:
@@ -247,12 +252,7 @@ def plot_win_rates(models: dict, path: Path) -> None:
                    edgecolor="black", linewidth=0.5)
     ax.axhline(0.5, color="black", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(rows)), [k for k, _, _ in rows])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("against the baseline")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    _save(fig, path)
+    _save_rate_plot(fig, ax, path, "against the baseline", legend_size=8)
 
 
 def _write_text(path: Path, text: str) -> None:
