@@ -241,36 +241,49 @@ KINDS = {t.name: t for t in (MlflowTracker, TensorboardTracker, WandbTracker)}
 
 # ---------------------------------------------------------------- open, follow, finish
 class Trackers:
-    """The open trackers of one run; ``follow`` logs metrics.jsonl as it grows."""
+    """The open trackers of one run; ``follow`` logs metrics.jsonl as it grows. Each
+    tracker has its own offset in metrics.jsonl (``trackers.json``'s ``logged``): a tracker
+    run that had to be started afresh gets the whole file, one that continues gets only
+    what it missed."""
 
-    def __init__(self, run_dir: Path, opened: list, ids: dict):
-        self.run_dir, self.opened, self.ids = Path(run_dir), opened, ids
-        self._stop, self._thread, self._offset = threading.Event(), None, 0
+    def __init__(self, run_dir: Path, opened: list, ids: dict, fresh: set):
+        self.run_dir, self.opened, self.ids, self.fresh = Path(run_dir), opened, ids, fresh
+        self._stop, self._thread, self._offsets = threading.Event(), None, {}
 
     def _poll(self, path: Path) -> None:
         if not path.is_file():
             return
         with open(path) as f:
-            f.seek(self._offset)
+            f.seek(min(self._offsets.values()))
             while True:
+                start = f.tell()
                 line = f.readline()
                 if not line.endswith("\n"):  # a line being written: read it next time
                     break
+                end = f.tell()
                 if line.strip():
                     m = json.loads(line)
                     for t in self.opened:
-                        t.log(int(m.get("step", 0)), numeric(m))
-                self._offset = f.tell()
-        if self.ids.get("logged") != self._offset:  # how far the trackers have it: a rerun catches up
-            self.ids["logged"] = self._offset
+                        if self._offsets[t.name] <= start:
+                            t.log(int(m.get("step", 0)), numeric(m))
+                for t in self.opened:
+                    self._offsets[t.name] = max(self._offsets[t.name], end)
+        if self.ids.get("logged") != self._offsets:  # how far each tracker has it: a rerun catches up
+            self.ids["logged"] = dict(self._offsets)
             _write_ids(self.run_dir, self.ids)
 
     def follow(self, path: Path):
-        """Log the lines of ``path`` the trackers do not have yet (those after the offset
-        recorded in ``trackers.json``: a run whose process was killed, e.g. a sweep trial
-        Tune stopped, catches up when it is opened again), then what is appended (a thread)."""
+        """Log the lines of ``path`` each tracker does not have yet (those after its offset
+        in ``trackers.json``: a run whose process was killed, e.g. a sweep trial Tune
+        stopped, catches up when it is opened again; a tracker run started afresh gets them
+        all), then what is appended (a thread)."""
         size = path.stat().st_size if path.is_file() else 0
-        self._offset = min(int(self.ids.get("logged", size)), size)
+        logged = self.ids.get("logged", {})
+        for t in self.opened:
+            had = logged if isinstance(logged, int) else logged.get(t.name, size)  # an int: one offset for all
+            self._offsets[t.name] = 0 if t.name in self.fresh else min(int(had), size)
+        if not self.opened:
+            return self
 
         def loop():
             while not self._stop.wait(0.5):
@@ -306,19 +319,35 @@ def open_trackers(cfg, run_dir: Path, info: RunInfo, stats: dict) -> Optional[Tr
     params = {**flatten(cfg.to_dict()), **{f"search.{k}": v for k, v in flatten(info.params).items()}}
     tags = {**run_tags(cfg, stats), **({"group": info.group} if info.group else {}),
             **{k: str(v) for k, v in info.tags.items()}}
-    opened = []
+    opened, fresh = [], set()
     for kind in cfg.output.trackers:
         try:
-            opened.append(KINDS[kind](cfg, Path(run_dir), info, params, tags, ids.get(kind)))
+            try:
+                opened.append(KINDS[kind](cfg, Path(run_dir), info, params, tags, ids.get(kind)))
+            except Exception as e:
+                if not ids.get(kind):
+                    raise
+                # The run cannot be read back (an MLflow file store rewrites a run's meta.yaml
+                # in place: a process killed mid-write leaves it empty), or is gone: a new run
+                # gets every line of metrics.jsonl, so nothing is lost.
+                print(f"[simpo-ray] WARNING: {kind} run {ids[kind]} cannot be continued ({type(e).__name__}: "
+                      f"{_first_line(e)}); a new {kind} run gets the whole metrics.jsonl", flush=True)
+                opened.append(KINDS[kind](cfg, Path(run_dir), info, params, tags, None))
+                fresh.add(kind)
         except Exception as e:
-            why = f"{kind} cannot be opened: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = f"{kind} cannot be opened: {type(e).__name__}: {_first_line(e)}"
             if cfg.output.trackers_required:
                 raise ConfigError("output.trackers", why + " (output.trackers_required: false trains on without it)")
             print(f"[simpo-ray] WARNING: {why}; training on without it (output.trackers_required: false)", flush=True)
+    fresh |= {t.name for t in opened if not ids.get(t.name)}
     ids.update({t.name: t.id for t in opened})
     _write_ids(Path(run_dir), ids)
     print("[simpo-ray] trackers: " + ", ".join(f"{t.name} ({t.id})" for t in opened), flush=True)
-    return Trackers(run_dir, opened, ids)
+    return Trackers(run_dir, opened, ids, fresh)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def _write_ids(run_dir: Path, ids: dict) -> None:
@@ -330,11 +359,18 @@ def _write_ids(run_dir: Path, ids: dict) -> None:
 def catch_up(cfg, run_dir, info: RunInfo, finished: bool) -> None:
     """Log what a run's trackers missed (its process was killed after the last poll:
     Tune ends a trial's actor once the trial stops) and close them; called by the
-    sweep's end for every trial with a ``trackers.json``."""
+    sweep's end for every trial with a ``trackers.json``. The sweep's results are made by
+    then: a tracker that cannot be reached now is a warning, not a failed sweep."""
+    from simpo_ray.config import ConfigError
+
     run_dir = Path(run_dir)
     if not cfg.output.trackers or not (run_dir / TRACKERS_FILE).is_file():
         return
-    trackers = open_trackers(cfg, run_dir, info, {})
+    try:
+        trackers = open_trackers(cfg, run_dir, info, {})
+    except ConfigError as e:
+        print(f"[simpo-ray] WARNING: {run_dir.name}: its tracker runs miss their last lines: {e}", flush=True)
+        return
     if trackers:
         trackers.follow(run_dir / "metrics.jsonl")
         trackers.finish(None, None, finished)

@@ -43,7 +43,7 @@ def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
     metrics = run_dir / "metrics.jsonl"
     cfg = RunConfig.from_dict({"output": {"root": str(tmp_path / "runs"), "name": "r",
                                           "trackers": ["mlflow", "tensorboard"]}})
-    _lines(metrics, {"step": 0, "eval/acc": 0.5})  # an earlier invocation's line: not logged again
+    _lines(metrics, {"step": 0, "eval/acc": 0.5})  # from before the trackers: a new tracker run gets it too
     t = open_trackers(cfg, run_dir, RunInfo("r", group="g", params={"optim.lr": 0.1}, tags={"round": 1}),
                       {"fingerprint": "fp"})
     ids = json.loads((run_dir / "trackers.json").read_text())
@@ -56,7 +56,8 @@ def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
     again = open_trackers(cfg, run_dir, RunInfo("r", group="g"), {"fingerprint": "fp"})
     now = json.loads((run_dir / "trackers.json").read_text())
     assert {k: now[k] for k in ("mlflow", "tensorboard")} == {k: ids[k] for k in ("mlflow", "tensorboard")}
-    assert now["logged"] == metrics.stat().st_size  # the first session logged up to the end
+    size = metrics.stat().st_size  # the first session logged up to the end, for each tracker
+    assert now["logged"] == {"mlflow": size, "tensorboard": size}
     again.follow(metrics)
     _lines(metrics, {"step": 3, "loss": 1.0})
     again.finish(None, None, finished=True)
@@ -67,7 +68,7 @@ def test_follower_logs_each_line_once_and_a_reopen_continues_the_runs(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
         (1, 2.0), (2, 1.5), (3, 1.0)]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "alarm/a")] == [0.0]
-    assert not client.get_metric_history(run.info.run_id, "eval/acc")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/acc")] == [(0, 0.5)]
     assert run.data.params["search.optim.lr"] == "0.1" and run.data.params["output.name"] == "r"
     assert run.data.tags["group"] == "g" and run.data.tags["round"] == "1" and run.data.tags["data.fingerprint"] == "fp"
     assert client.get_experiment(run.info.experiment_id).name == "g"
@@ -125,3 +126,35 @@ def test_a_killed_follower_is_caught_up_from_the_recorded_offset(tmp_path):
     client = MlflowClient((tmp_path / "trials" / "mlruns").as_uri())
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0), (3, 1.0)]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_tracker_run_that_cannot_be_read_back_is_replaced_with_every_line(tmp_path, capsys):
+    """An MLflow file store rewrites a run's meta.yaml in place: a sweep killed mid-write
+    left it empty (CI, the interrupted sweep). The reopen warns, a new MLflow run gets the
+    whole metrics.jsonl, TensorBoard continues where it was."""
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    metrics = run_dir / "metrics.jsonl"
+    cfg = RunConfig.from_dict({"output": {"root": str(tmp_path / "runs"), "name": "r",
+                                          "trackers": ["mlflow", "tensorboard"]}})
+    t = open_trackers(cfg, run_dir, RunInfo("r"), {}).follow(metrics)
+    _lines(metrics, {"step": 1, "loss": 2.0})
+    t.finish(None, None, finished=False)
+    old = json.loads((run_dir / "trackers.json").read_text())
+    store = tmp_path / "runs" / "mlruns"
+    (next(store.glob(f"*/{old['mlflow']}")) / "meta.yaml").write_text("")
+    again = open_trackers(cfg, run_dir, RunInfo("r"), {}).follow(metrics)
+    assert f"mlflow run {old['mlflow']} cannot be continued" in capsys.readouterr().out
+    _lines(metrics, {"step": 2, "loss": 1.0})
+    again.finish(None, None, finished=True)
+    now = json.loads((run_dir / "trackers.json").read_text())
+    assert now["mlflow"] != old["mlflow"] and now["tensorboard"] == old["tensorboard"]
+    client = MlflowClient(store.as_uri())
+    assert [(m.step, m.value) for m in client.get_metric_history(now["mlflow"], "loss")] == [(1, 2.0), (2, 1.0)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.0), (2, 1.0)]  # each line once
