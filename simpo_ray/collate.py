@@ -9,7 +9,8 @@ Packed (``collate_packed``): the same 2B sequences, in the same order, laid back
 back in R rows with ``position_ids`` restarting per sequence and a ``sequence_index``
 per token, so per-sequence sums come from ``logps.packed_sequence_logps``. Helpers
 build what the attention needs (a block-diagonal mask for SDPA/eager, the varlen
-arguments for flash-attn) and re-cut a stream into token-budget batches.
+arguments for flash-attn) and re-cut a stream into token-budget batches. The
+shared-prompt layout (the prompt computed once per pair) is in ``segments``.
 """
 
 from __future__ import annotations
@@ -196,13 +197,28 @@ def flash_varlen_kwargs(position_ids) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def packed_model_inputs(batch: dict, pad_id: int, max_tokens: int, flash: bool):
+def packed_model_inputs(batch: dict, pad_id: int, max_tokens: int, flash: bool, share_prompt: bool = False,
+                        segment_attention: bool | None = None):
     """A numpy pair batch -> (packed tensors, extra model kwargs): rows of at most
     ``max_tokens`` with position ids restarting per sequence (a block-diagonal mask
-    under SDPA/eager), or, for flash-attn varlen, one row and its cu_seq_lens."""
-    b = collate_packed_numpy_batch(batch, pad_id, max_tokens=None if flash else max_tokens)
+    under SDPA/eager), or, for flash-attn varlen, one row and its cu_seq_lens.
+
+    ``share_prompt``: the shared-prompt layout (``segments.collate_shared``: the prompt
+    once per pair). ``segment_attention`` (default: ``share_prompt``, which needs it):
+    the extra kwargs carry ``segments.segment_kwargs`` instead, for a model switched by
+    ``attention.use_segment_attention``; no dense mask, no cu_seq_lens."""
+    from simpo_ray.segments import collate_shared_numpy_batch, segment_kwargs
+
+    segment_attention = share_prompt if segment_attention is None else segment_attention
+    if share_prompt and not segment_attention:
+        raise ValueError("the shared-prompt layout needs segment attention (simpo_ray.attention)")
+    rows = None if flash else max_tokens
+    b = (collate_shared_numpy_batch(batch, pad_id, max_tokens=rows) if share_prompt
+         else collate_packed_numpy_batch(batch, pad_id, max_tokens=rows))
     extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}
-    if flash:
+    if segment_attention:
+        extra.update(segment_kwargs(b))
+    elif flash:
         extra.update(flash_varlen_kwargs(extra["position_ids"]))
     return b, extra
 
@@ -215,17 +231,26 @@ def padding_stats(batch: dict) -> dict:
     return {"tokens": tokens, "slots": slots, "pad_fraction": 1 - tokens / slots if slots else 0.0}
 
 
-def token_budget_batches(batches: Iterable[dict], max_tokens: int) -> Iterator[dict]:
+def pair_cost(p: int, c: int, r: int, share_prompt: bool = False) -> int:
+    """Packed tokens of one pair of prompt / chosen / rejected lengths p, c, r: 2p + c + r
+    (the prompt in both sequences), or p + c + 1 + r with the prompt shared
+    (``segments.collate_shared``: the prompt once, plus p')."""
+    return p + c + 1 + r if share_prompt else 2 * p + c + r
+
+
+def token_budget_batches(batches: Iterable[dict], max_tokens: int, share_prompt: bool = False) -> Iterator[dict]:
     """Re-cut a stream of pair batches into batches of whole pairs whose packed size
-    (len(prompt) x 2 + len(chosen) + len(rejected) per pair) stays within
-    ``max_tokens``. Order is kept; every other column rides along; each output is a
-    dict of lists. The number of batches now depends on the data: under ZeRO-3 the
-    ranks must agree on how many to run (see the worker)."""
+    (``pair_cost`` per pair: 2 x prompt + chosen + rejected, or prompt + chosen + 1 +
+    rejected with ``share_prompt``) stays within ``max_tokens``. Order is kept; every
+    other column rides along; each output is a dict of lists. The number of batches now
+    depends on the data: under ZeRO-3 the ranks must agree on how many to run (see the
+    worker)."""
     cols, used = None, 0
     for batch in batches:
         names = list(batch)
         for i in range(len(batch["prompt_ids"])):
-            cost = 2 * len(batch["prompt_ids"][i]) + len(batch["chosen_ids"][i]) + len(batch["rejected_ids"][i])
+            cost = pair_cost(len(batch["prompt_ids"][i]), len(batch["chosen_ids"][i]),
+                             len(batch["rejected_ids"][i]), share_prompt)
             if cost > max_tokens:
                 raise ValueError(f"a pair of {cost} tokens exceeds the token budget {max_tokens}")
             if cols is not None and used + cost > max_tokens:
