@@ -202,7 +202,7 @@ def test_shared_slots_are_fewer(models):
 def test_a_wrong_p_prime_position_is_caught(models):
     model = models["llama"]
     P, C, R = _pairs()
-    ref, counts = _padded(model, P, C, R)
+    ref, _ = _padded(model, P, C, R)
     b = collate_shared(P, C, R, pad_id=0)
     first_rejected = (b["branch"] == 2) & (b["labels"] == IGNORE)  # the p' tokens
     b["position_ids"] = b["position_ids"] + first_rejected.long()  # p' at p instead of p - 1
