@@ -155,7 +155,7 @@ def table(out: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="max_length T")
-    ap.add_argument("--tokens", type=int, default=4096, help="real tokens per micro-batch (2p + c + r per pair)")
+    ap.add_argument("--tokens", type=int, default=2048, help="real tokens per micro-batch (2p + c + r per pair)")
     ap.add_argument("--batches", type=int, default=2, help="timed micro-batches per T (after one warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="tries per timed batch (the fastest counts)")
     ap.add_argument("--vocab", type=int, default=32000)
