@@ -67,12 +67,14 @@ def _json_default(value) -> dict:
 class Tokenize:
     """map_batches UDF (an actor: the tokenizer loads once). Raw rows -> triplets."""
 
-    COLUMNS = ("source", "row", "error", "reason", "split", "group", "resp_len",
+    COLUMNS = ("source", "row", "error", "reason", "split", "group", "prompt_len", "resp_len",
                "prompt_ids", "chosen_ids", "rejected_ids", "truncated", "notes", "pair_key")
 
-    def __init__(self, name_or_path: str, tiny_spec: dict, options: dict, seed: int, eval_fraction: float):
+    def __init__(self, name_or_path: str, tiny_spec: dict, options: dict, seed: int, eval_fraction: float,
+                 eval_sources: tuple = ()):
         """``options``: ``rows.row_options`` of the data config (the model's vocabulary
-        size is added here, where the model folder is)."""
+        size is added here, where the model folder is). Rows of ``eval_sources`` (the
+        ``data.eval_files``) are held out whole; the others split by ``eval_fraction``."""
         from transformers import AutoTokenizer
 
         from simpo_ray.models import resolve_model_path
@@ -80,7 +82,7 @@ class Tokenize:
         path = resolve_model_path(name_or_path, tiny_spec)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.kwargs = dict(options, vocab_size=model_vocab_size(path))
-        self.seed, self.eval_fraction = seed, eval_fraction
+        self.seed, self.eval_fraction, self.eval_sources = seed, eval_fraction, set(eval_sources)
 
     def __call__(self, batch: dict) -> dict:
         out: dict = {k: [] for k in self.COLUMNS}
@@ -90,7 +92,7 @@ class Tokenize:
             if not err:
                 try:
                     turns, trip = process_row(self.tok, json.loads(raw), **self.kwargs)
-                    split = split_of(turns, self.seed, self.eval_fraction)
+                    split = "eval" if source in self.eval_sources else split_of(turns, self.seed, self.eval_fraction)
                     group = prompt_group(turns)
                 except RowError as e:
                     err, reason = str(e), e.reason
@@ -102,6 +104,7 @@ class Tokenize:
             out["group"].append(group)
             for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
                 out[k].append(trip[k] if trip else [])
+            out["prompt_len"].append(len(trip["prompt_ids"]) if trip else 0)
             out["resp_len"].append(len(trip["chosen_ids"]) + len(trip["rejected_ids"]) if trip else 0)
             out["truncated"].append(bool(trip and trip["truncated"]))
             out["notes"].append(",".join(trip["notes"]) if trip else "")
@@ -119,14 +122,22 @@ def model_vocab_size(path: str) -> int | None:
         return None
 
 
-def _assign_split(table, eval_groups: list):
-    """map_batches UDF (pyarrow): split = eval for the chosen prompt groups."""
+def _finalize(table, drop: list, eval_groups):
+    """map_batches UDF (pyarrow): the well-formed rows, without the repeats named
+    ``source\\0row`` in ``drop``; with ``eval_groups`` (a stratified split), split = eval
+    for those prompt groups."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    is_eval = pc.is_in(table["group"], value_set=pa.array(eval_groups, type=pa.string()))
-    split = pc.if_else(is_eval, pa.scalar("eval"), pa.scalar("train"))
-    return table.set_column(table.schema.get_field_index("split"), "split", split)
+    table = table.filter(pc.equal(table["error"], ""))
+    if drop:
+        names = pc.binary_join_element_wise(table["source"], pc.cast(table["row"], pa.string()), "\0")
+        table = table.filter(pc.invert(pc.is_in(names, value_set=pa.array(drop, type=pa.string()))))
+    if eval_groups is not None:
+        is_eval = pc.is_in(table["group"], value_set=pa.array(eval_groups, type=pa.string()))
+        split = pc.if_else(is_eval, pa.scalar("eval"), pa.scalar("train"))
+        table = table.set_column(table.schema.get_field_index("split"), "split", split)
+    return table
 
 
 def summarize_errors(errors: list, strict: bool, show: int = 5) -> dict:
@@ -162,12 +173,18 @@ def _with_order(ds):
 
 
 def prepare_datasets(cfg, tokenizer_path: str) -> dict:
-    """Read, validate, tokenize and split with Ray Data; materialized once.
+    """Read, validate, tokenize and split with Ray Data.
 
     Returns {"train": Dataset, "eval": Dataset | None, "stats": dict}; the datasets
     hold ``KEEP`` columns, materialized (no lazy stage left, so every epoch streams
     the same blocks in the same order). ``stats["dropped"]`` counts dropped rows per
     reason.
+
+    Start-up matters (every run, sweep trial and CI fit pays it): one execution reads
+    and tokenizes every file (train and eval files together), one pass over its small
+    columns on the driver decides everything else (refused rows, repeats, the split,
+    counts, truncation, notes, mean pair size), and the train and held-out sets are
+    each materialized once from it.
     """
     import ray.data
     from ray.data.expressions import col
@@ -176,106 +193,87 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     files = expand_files(d.train_files)
     eval_files = expand_files(d.eval_files) if d.eval_files else []
     fraction = 0.0 if eval_files else d.eval_fraction
+    paths = files + eval_files
+    ds = _with_order(ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)))
+    ds = ds.map_batches(read_files_batch, batch_size=1)
+    ds = ds.map_batches(Tokenize, batch_size=256, concurrency=1, fn_constructor_kwargs=dict(
+        name_or_path=cfg.model.name_or_path, tiny_spec=dataclasses.asdict(cfg.model.tiny),
+        options=row_options(d), seed=d.seed, eval_fraction=fraction, eval_sources=tuple(eval_files)))
+    tokenized = ds.materialize()
 
-    def pipeline(paths, frac):
-        ds = _with_order(ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)))
-        ds = ds.map_batches(read_files_batch, batch_size=1)
-        ds = ds.map_batches(Tokenize, batch_size=256, concurrency=1,
-                            fn_constructor_kwargs=dict(
-                                name_or_path=cfg.model.name_or_path,
-                                tiny_spec=dataclasses.asdict(cfg.model.tiny), options=row_options(d),
-                                seed=d.seed, eval_fraction=frac))
-        return ds.materialize()
-
-    tokenized = pipeline(files, fraction)
-    parts = [tokenized] + ([pipeline(eval_files, 1.0)] if eval_files else [])
-    errors, repeats = [], []
-    for part in parts:
-        bad, again = row_outcomes(part, dedup=d.dedup and part is tokenized)
-        errors += bad
-        repeats += again
-    dropped = summarize_errors(errors + repeats, strict=d.strict)
-
-    good = tokenized.filter(expr=col("error") == "")
-    if repeats:
-        good = good.map_batches(_drop_rows, batch_format="pyarrow",
-                                fn_kwargs={"rows": [f"{src}\0{n}" for src, n, *_ in repeats]})
-    split_rule = "separate files" if eval_files else "seeded hash of the prompt"
+    rows = small_columns(tokenized)
+    in_eval_file = [s in set(eval_files) for s in rows["source"]]
+    bad, repeats = row_outcomes(rows, dedup=[d.dedup and not e for e in in_eval_file])
+    dropped = summarize_errors(bad + repeats, strict=d.strict)
+    gone = {(src, n) for src, n, *_ in repeats}
+    good = [i for i, err in enumerate(rows["error"]) if not err and (rows["source"][i], rows["row"][i]) not in gone]
+    split = {i: rows["split"][i] for i in good}
+    eval_groups, split_rule = None, "separate files" if eval_files else "seeded hash of the prompt"
     if d.eval_stratify and fraction > 0:
-        cols = {"group": [], "resp_len": []}
-        for b in good.select_columns(list(cols)).iter_batches(batch_size=4096, batch_format="numpy"):
-            for k in cols:
-                cols[k] += b[k].tolist()
-        chosen = sorted(stratified_eval_groups(cols["group"], cols["resp_len"], fraction, d.seed))
-        good = good.map_batches(_assign_split, batch_format="pyarrow",
-                                fn_kwargs={"eval_groups": chosen}).materialize()
+        eval_groups = sorted(stratified_eval_groups([rows["group"][i] for i in good],
+                                                    [rows["resp_len"][i] for i in good], fraction, d.seed))
+        chosen = set(eval_groups)
+        split = {i: "eval" if rows["group"][i] in chosen else "train" for i in good}
         split_rule = "seeded, stratified by response-length quartile"
-    train = good.filter(expr=col("split") == "train")
-    n_train = train.count()
-    n_trunc = int(train.sum("truncated") or 0) if n_train else 0
-    notes = Counter(n for r in good.filter(expr=col("notes") != "").select_columns(["notes"]).take_all()
-                    for n in r["notes"].split(","))
+    train_rows = [i for i in good if split[i] == "train"]
+    n_train, n_eval = len(train_rows), len(good) - len(train_rows)
     if n_train == 0:
         raise DataError(f"no training pairs left from {', '.join(files)}")
+    n_trunc = sum(bool(rows["truncated"][i]) for i in train_rows)
+    notes = Counter(n for i in good if not in_eval_file[i] and rows["notes"][i] for n in rows["notes"][i].split(","))
+    mean_pair_tokens = (sum(2 * rows["prompt_len"][i] + rows["resp_len"][i] for i in train_rows) / n_train
+                        if d.token_budget else None)
+
+    final = tokenized.map_batches(_finalize, batch_format="pyarrow", fn_kwargs={
+        "drop": [f"{src}\0{n}" for src, n in sorted(gone)], "eval_groups": eval_groups})
+    train = final.filter(expr=col("split") == "train").select_columns(KEEP)
     if d.shuffle:  # once, seeded; per-epoch order comes from shuffle_args() in the worker
         train = train.random_shuffle(seed=d.seed)
-    train = train.select_columns(KEEP).materialize()
-    mean_pair_tokens = _mean_pair_tokens(train) if d.token_budget else None
-    if eval_files:
-        eval_ds = parts[1].filter(expr=col("error") == "")
-    else:
-        eval_ds = good.filter(expr=col("split") == "eval") if fraction > 0 else None
-    if eval_ds is not None:
-        eval_ds = eval_ds.select_columns(KEEP).materialize()
-    n_eval = eval_ds.count() if eval_ds is not None else 0
+    train = train.materialize()
+    eval_ds = final.filter(expr=col("split") == "eval").select_columns(KEEP).materialize() if n_eval else None
     settings = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                 "seed": d.seed, "eval_fraction": fraction, "tokenizer": _tokenizer_hash(tokenizer_path),
                 "column_map": dict(sorted(d.column_map.items())), "eval_stratify": d.eval_stratify,
                 "add_bos": d.add_bos, "allow_special_tokens_in_text": d.allow_special_tokens_in_text,
                 "dedup": d.dedup, "drop_ties": d.drop_ties}
     return {
-        "train": train, "eval": eval_ds if n_eval else None,
+        "train": train, "eval": eval_ds,
         "stats": {"train_pairs": n_train, "eval_pairs": n_eval, "dropped": dropped,
                   "dropped_total": sum(dropped.values()), "truncated_pairs": n_trunc, "token_notes": dict(notes),
-                  "split": split_rule, "files": files + eval_files,
+                  "split": split_rule, "files": paths,
                   **({"mean_pair_tokens": mean_pair_tokens} if mean_pair_tokens else {}),
-                  "fingerprint": fingerprint(files + eval_files, settings)},
+                  "fingerprint": fingerprint(paths, settings)},
     }
 
 
-def row_outcomes(ds, dedup: bool) -> tuple[list, list]:
-    """One pass over a tokenized dataset's small columns -> (the refused rows, the
-    repeated pairs), each as (source, row, message, reason). A repeat is a well-formed
-    row whose pair already came earlier in file order (``rows.Duplicates``)."""
+SMALL = ("source", "row", "error", "reason", "pair_key", "split", "group", "prompt_len", "resp_len",
+         "truncated", "notes")
+
+
+def small_columns(ds) -> dict:
+    """The small columns of a tokenized dataset (``SMALL``, no token ids), as lists in
+    row order: one pass."""
+    out = {c: [] for c in SMALL}
+    for b in ds.select_columns(list(SMALL)).iter_batches(batch_size=8192, batch_format="numpy"):
+        for c in SMALL:
+            out[c] += b[c].tolist()
+    return out
+
+
+def row_outcomes(rows: dict, dedup) -> tuple[list, list]:
+    """The small columns (``small_columns``) -> (the refused rows, the repeated pairs),
+    each as (source, row, message, reason). A repeat is a well-formed row whose pair
+    already came earlier in file order (``rows.Duplicates``); ``dedup``: one flag per
+    row (held-out files are not deduplicated), or one for all."""
     seen, bad, again = Duplicates(), [], []
-    cols = ["source", "row", "error", "reason", "pair_key"]
-    for b in ds.select_columns(cols).iter_batches(batch_size=8192, batch_format="numpy"):
-        for src, n, err, reason, key in zip(*(b[c] for c in cols)):
-            if err:
-                bad.append((str(src), int(n), str(err), str(reason)))
-            elif dedup and (e := seen.check(str(key), str(src), int(n))) is not None:
-                again.append((str(src), int(n), str(e), e.reason))
+    flags = dedup if isinstance(dedup, list) else [dedup] * len(rows["row"])
+    for src, n, err, reason, key, check in zip(rows["source"], rows["row"], rows["error"], rows["reason"],
+                                               rows["pair_key"], flags):
+        if err:
+            bad.append((str(src), int(n), str(err), str(reason)))
+        elif check and (e := seen.check(str(key), str(src), int(n))) is not None:
+            again.append((str(src), int(n), str(e), e.reason))
     return bad, again
-
-
-def _drop_rows(table, rows: list):
-    """map_batches UDF (pyarrow): without the rows named ``source\\0row``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    names = pc.binary_join_element_wise(table["source"], pc.cast(table["row"], pa.string()), "\0")
-    return table.filter(pc.invert(pc.is_in(names, value_set=pa.array(rows, type=pa.string()))))
-
-
-def _mean_pair_tokens(ds) -> float:
-    """Mean packed cost of a pair (2 x prompt + chosen + rejected), what
-    ``data.token_budget`` counts."""
-    total = n = 0
-    for b in ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).iter_batches(
-            batch_size=4096, batch_format="numpy"):
-        for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]):
-            total, n = total + 2 * len(p) + len(c) + len(r), n + 1
-    return total / max(n, 1)
 
 
 def _tokenizer_hash(path: str) -> str:

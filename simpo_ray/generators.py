@@ -49,12 +49,10 @@ class GeneratorSettings(_Boundary):
 
 def stop_token_ids(cfg, tokenizer_path: str) -> list[int]:
     """The ids generation stops at for this config's token policy (what completions end with)."""
-    from transformers import AutoTokenizer
+    from simpo_ray.models import tokenizer_facts
 
-    from simpo_ray.tokens import streams_for
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
-    return streams_for(tok, cfg.data.add_bos, cfg.data.allow_special_tokens_in_text).stop_ids()
+    return tokenizer_facts(tokenizer_path, cfg.model.trust_remote_code, cfg.data.add_bos,
+                           cfg.data.allow_special_tokens_in_text)["stop_ids"]
 
 
 class VLLMBackend:

@@ -68,8 +68,22 @@ def check_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:  # header check only; no torch import
             f.keys()
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"model folder {path.parent}: {path.name} is not a whole safetensors file "
                          f"({path.stat().st_size} bytes; truncated or corrupt): {e}") from None
+
+
+def tokenizer_facts(path: str, trust_remote_code: bool, add_bos, allow_special_tokens_in_text: bool) -> dict:
+    """What the driver needs from the tokenizer: the pad id collate pads with (the eos
+    id when there is no pad token) and the ids generation stops at under the data's
+    token policy. Loading a tokenizer imports transformers (seconds): ``train.prepare``
+    runs this as a Ray task while the data is read, so the driver never imports it."""
+    from transformers import AutoTokenizer
+
+    from simpo_ray.tokens import streams_for
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return {"pad_id": int(pad), "stop_ids": [int(t) for t in streams_for(tok, add_bos, allow_special_tokens_in_text).stop_ids()]}

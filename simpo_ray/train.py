@@ -91,10 +91,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool, run_dir: str = "") -> RunPlan:
+def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir: str = "") -> RunPlan:
     """Steps and other facts every worker needs, computed once on the driver."""
-    from transformers import AutoTokenizer
-
     from simpo_ray.data import DataError
 
     t = cfg.train
@@ -116,8 +114,6 @@ def make_plan(cfg: RunConfig, stats: dict, model_path: str, has_eval: bool, run_
     total = steps_per_epoch * t.epochs
     if t.max_steps:
         total = min(total, t.max_steps)
-    tok = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id,
                    run_dir=run_dir or str(cfg.output.run_dir),
                    stats={k: v for k, v in stats.items() if k != "files"},
@@ -137,27 +133,23 @@ class Prepared:
 
     def plan_for(self, cfg: RunConfig, run_dir: str) -> RunPlan:
         """The plan for ``cfg`` on this data: the prepared one when nothing it depends on
-        changed (steps, batches, the tokenizer's pad id), else planned again."""
-        if (cfg.train, cfg.data, cfg.model.name_or_path) == (self.cfg.train, self.cfg.data,
-                                                              self.cfg.model.name_or_path):
+        changed (steps, batches), else planned again. The data was tokenized with the
+        prepared model's tokenizer, so its pad id holds for every config fit on it."""
+        if (cfg.train, cfg.data) == (self.cfg.train, self.cfg.data):
             return dataclasses.replace(self.plan, run_dir=run_dir)
-        from simpo_ray.models import resolve_model_path
-
-        path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
-        return dataclasses.replace(make_plan(cfg, self.stats, path, self.plan.has_eval, run_dir),
+        return dataclasses.replace(make_plan(cfg, self.stats, self.plan.pad_id, self.plan.has_eval, run_dir),
                                    probe_prompts=self.plan.probe_prompts, stop_ids=self.plan.stop_ids)
 
 
-def with_probes(plan: RunPlan, cfg: RunConfig, eval_ds, model_path: str) -> RunPlan:
+def with_probes(plan: RunPlan, cfg: RunConfig, eval_ds, stop_ids: list) -> RunPlan:
     """The plan with the generation probes' prompts (held-out, ``simpo_ray.probes``) and
     the ids generation stops at; none when probes are off or nothing is held out."""
     if cfg.eval.generate_every == 0 or eval_ds is None:
         return plan
-    from simpo_ray.generators import stop_token_ids
     from simpo_ray.probes import pick_prompts
 
     return dataclasses.replace(plan, probe_prompts=pick_prompts(eval_ds, cfg.eval.generate_prompts),
-                               stop_ids=stop_token_ids(cfg, model_path))
+                               stop_ids=list(stop_ids))
 
 
 def progress_callback(run_dir: str, total_steps: int):
@@ -212,16 +204,22 @@ def with_reference(prepared: Prepared, cfg: RunConfig) -> Prepared:
 def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
     """Ray up, data read/validated/tokenized once (plus, with ``reference``, reference
     log-probs for the losses that need them: ``with_reference``), the plan computed."""
+    import ray
+
     from simpo_ray.data import prepare_datasets
-    from simpo_ray.models import check_model_folder, resolve_model_path
+    from simpo_ray.models import check_model_folder, resolve_model_path, tokenizer_facts
 
     init_ray(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
     check_model_folder(model_path)
+    # The tokenizer's facts in a task beside the data pipeline: the driver never imports
+    # transformers (seconds of every start-up).
+    facts = ray.remote(num_cpus=0)(tokenizer_facts).remote(
+        model_path, cfg.model.trust_remote_code, cfg.data.add_bos, cfg.data.allow_special_tokens_in_text)
     data = prepare_datasets(cfg, model_path)
-    stats = data["stats"]
-    plan = make_plan(cfg, stats, model_path, has_eval=data["eval"] is not None)
-    plan = with_probes(plan, cfg, data["eval"], model_path)
+    stats, facts = data["stats"], ray.get(facts)
+    plan = make_plan(cfg, stats, facts["pad_id"], has_eval=data["eval"] is not None)
+    plan = with_probes(plan, cfg, data["eval"], facts["stop_ids"])
     datasets = {"train": data["train"]}
     if data["eval"] is not None:
         datasets["eval"] = data["eval"]
