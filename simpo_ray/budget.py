@@ -25,15 +25,16 @@ def iter_train(shard, cfg, epoch: int):
                               **shuffle_args(cfg.data, epoch, mb))
 
 
-def iter_micro(shard, cfg, epoch: int):
+def iter_micro(shard, cfg, epoch: int, share_prompt: bool = False):
     """The epoch's global micro-batches: ``micro_batch_size`` pairs, or with
-    ``data.token_budget`` as many whole pairs as fit the budget (same order)."""
+    ``data.token_budget`` as many whole pairs as fit the budget (same order; a pair
+    costs what it takes packed, its prompt once with ``share_prompt``)."""
     batches = iter_train(shard, cfg, epoch)
     if not cfg.data.token_budget:
         return batches
     from simpo_ray.collate import token_budget_batches
 
-    return token_budget_batches(batches, cfg.data.token_budget)
+    return token_budget_batches(batches, cfg.data.token_budget, share_prompt=share_prompt)
 
 
 def rank_micro(stream, start: int, rank: int, world: int):
@@ -45,7 +46,7 @@ def rank_micro(stream, start: int, rank: int, world: int):
             yield g, batch
 
 
-def schedule(shard, cfg, world: int) -> list:
+def schedule(shard, cfg, world: int, share_prompt: bool = False) -> list:
     """The global number of pairs in every optimizer step of every epoch, as
     ``[[pairs of step 1, ...] per epoch]``: a step is ``grad_accum_steps x world``
     consecutive global micro-batches. Every rank counts the same stream; a collective
@@ -56,7 +57,7 @@ def schedule(shard, cfg, world: int) -> list:
     per_step = cfg.train.grad_accum_steps * world
     out = []
     for epoch in range(cfg.train.epochs):
-        sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch)]
+        sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch, share_prompt)]
         out.append([sum(sizes[i:i + per_step]) for i in range(0, len(sizes) // per_step * per_step, per_step)])
     mine = torch.tensor([sum(len(s) for s in out), sum(map(sum, out))], dtype=torch.long)
     low, high = mine.clone(), mine.clone()

@@ -223,6 +223,21 @@ def packed_model_inputs(batch: dict, pad_id: int, max_tokens: int, flash: bool, 
     return b, extra
 
 
+def packed_layout(data_cfg, attn_implementation: str, model_config: dict) -> dict:
+    """How packed batches are laid out for this run: ``packed_model_inputs``'s
+    ``share_prompt`` and ``segment_attention``. ``data.share_prompt`` null means on
+    wherever it is verified exact: SDPA / eager attention (flash-attn keeps its varlen
+    rows, and takes the shared prompt only when asked), and a model whose attention has no
+    soft-capping or sinks (``simpo_ray.attention`` refuses those; they keep the dense
+    block-diagonal mask). ``model_config``: the model's config.json ({} when unknown)."""
+    if not data_cfg.packing:
+        return {"share_prompt": False, "segment_attention": False}
+    flash = attn_implementation == "flash_attention_2"
+    unsupported = bool(model_config.get("attn_logit_softcapping")) or model_config.get("model_type") == "gpt_oss"
+    share = data_cfg.share_prompt if data_cfg.share_prompt is not None else not (flash or unsupported)
+    return {"share_prompt": bool(share), "segment_attention": bool(share or not (flash or unsupported))}
+
+
 def padding_stats(batch: dict) -> dict:
     """Real and padded token counts of a padded (``attention_mask``) or packed
     (``sequence_index``) batch: {"tokens", "slots", "pad_fraction"}."""

@@ -66,7 +66,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def build_engine(cfg, model_path: str, total_steps: int, universal: bool = False):
+def build_engine(cfg, model_path: str, total_steps: int, universal: bool = False, segments: bool = False):
     """Load the model partitioned at load (ZeRO-3 via HfDeepSpeedConfig) and wrap it.
     ``universal``: the checkpoint to load is a DeepSpeed universal one (a resume on
     another number of workers, ``checkpoint.restore``).
@@ -96,6 +96,10 @@ def build_engine(cfg, model_path: str, total_steps: int, universal: bool = False
         model_path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
     model.config.use_cache = False
+    if segments:  # packed batches attend per segment (RunPlan.segment_attention)
+        from simpo_ray.attention import use_segment_attention
+
+        use_segment_attention(model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PolicyLogps(model, chunk_size=cfg.model.logps_chunk_size)

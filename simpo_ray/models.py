@@ -87,3 +87,15 @@ def tokenizer_facts(path: str, trust_remote_code: bool, add_bos, allow_special_t
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {"pad_id": int(pad), "stop_ids": [int(t) for t in streams_for(tok, add_bos, allow_special_tokens_in_text).stop_ids()]}
+
+
+def read_model_config(path: str) -> dict:
+    """A local model folder's config.json as a dict ({} for a hub name or no file);
+    no transformers import."""
+    import json
+
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except ValueError:
+        return {}  # check_model_folder and the loaders report a broken config

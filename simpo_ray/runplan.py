@@ -47,6 +47,15 @@ class RunPlan(_Boundary):
     # the token ids generation stops at.
     probe_prompts: list = field(default_factory=list)
     stop_ids: list = field(default_factory=list)
+    # Packed batches (collate.packed_layout): the prompt once per pair, attention per
+    # segment (the model switched to simpo_ray.attention).
+    share_prompt: bool = False
+    segment_attention: bool = False
+
+    @property
+    def layout(self) -> dict:
+        """``collate.packed_model_inputs``'s layout keywords."""
+        return {"share_prompt": self.share_prompt, "segment_attention": self.segment_attention}
 
     @property
     def export_dir(self) -> str:

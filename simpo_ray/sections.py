@@ -80,8 +80,15 @@ class DataConfig:
     shuffle: bool = True
     # Rows each worker mixes per epoch (a seeded local shuffle on top of one global shuffle).
     shuffle_buffer_size: int = 1024
-    # Padding-free batches: several sequences per row, attention kept within each sequence.
-    packing: bool = False
+    # Padding-free batches: several sequences per row, attention kept within each sequence
+    # (the default: exact for every objective and head; false: padded rows).
+    packing: bool = True
+    # Packed batches hold each pair's prompt once (prompt | chosen | rejected, rejected
+    # attending to the prompt but not to chosen) and attend per sequence, with no dense
+    # mask (simpo_ray.segments, simpo_ray.attention). null: on wherever it is verified
+    # exact (SDPA/eager attention, models without attention soft-capping); flash-attn keeps
+    # its varlen rows unless true.
+    share_prompt: Optional[bool] = None
     # Longest packed row in tokens (null: 2 x max_length, under 3% padding on long-tailed
     # data; see benchmarks/README.md). On GPU with flash-attn the worker packs one row.
     pack_max_tokens: Optional[int] = None
@@ -119,6 +126,8 @@ class DataConfig:
             if not isinstance(v, str) or not v:
                 raise ConfigError(f"{path}.column_map.{k}", f"must be a column name, got {v!r}")
         _positive(f"{path}.shuffle_buffer_size", self.shuffle_buffer_size)
+        if self.share_prompt and not self.packing:
+            raise ConfigError(f"{path}.share_prompt", "shares the prompt inside packed rows; set data.packing=true")
         if self.pack_max_tokens is not None and self.pack_max_tokens < self.max_length:
             raise ConfigError(f"{path}.pack_max_tokens", f"({self.pack_max_tokens}) must be >= max_length "
                                                          f"({self.max_length}) so every sequence fits a row")

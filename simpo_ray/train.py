@@ -91,17 +91,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir: str = "") -> RunPlan:
-    """Steps and other facts every worker needs, computed once on the driver."""
+def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir: str = "",
+              model_config: Optional[dict] = None) -> RunPlan:
+    """Steps and other facts every worker needs, computed once on the driver.
+    ``model_config``: the model's config.json (the packed layout depends on it)."""
+    from simpo_ray.collate import packed_layout
+
     from simpo_ray.data import DataError
 
     t = cfg.train
+    layout = packed_layout(cfg.data, cfg.model.attn_implementation, model_config or {})
     pairs_per_micro = t.micro_batch_size
     if cfg.data.token_budget:
         # Micro-batches are cut by tokens: the workers count the exact steps of every
         # epoch before training (simpo_ray.budget); this estimate only sizes the
         # driver's plan line and a sweep's ASHA horizon.
-        pairs_per_micro = max(1, cfg.data.token_budget // max(1, round(stats.get("mean_pair_tokens") or 1)))
+        cost = stats.get("mean_pair_tokens") or 1
+        if layout["share_prompt"]:  # the prompt once, plus one token
+            cost -= (stats.get("mean_prompt_tokens") or 1) - 1
+        pairs_per_micro = max(1, cfg.data.token_budget // max(1, round(cost)))
     # One global stream of micro-batches (drop_last); a step is the next
     # grad_accum_steps x num_workers of them, whatever the number of workers.
     steps_per_epoch = stats["train_pairs"] // pairs_per_micro // (t.grad_accum_steps * t.num_workers)
@@ -114,7 +122,7 @@ def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir:
     total = steps_per_epoch * t.epochs
     if t.max_steps:
         total = min(total, t.max_steps)
-    return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id,
+    return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id, **layout,
                    run_dir=run_dir or str(cfg.output.run_dir),
                    stats={k: v for k, v in stats.items() if k != "files"},
                    unused_pairs_per_epoch=stats["train_pairs"] - steps_per_epoch * t.total_batch_size)
@@ -130,6 +138,7 @@ class Prepared:
     plan: RunPlan
     stats: dict
     model_path: str
+    model_config: dict = dataclasses.field(default_factory=dict)
 
     def plan_for(self, cfg: RunConfig, run_dir: str) -> RunPlan:
         """The plan for ``cfg`` on this data: the prepared one when nothing it depends on
@@ -137,8 +146,20 @@ class Prepared:
         prepared model's tokenizer, so its pad id holds for every config fit on it."""
         if (cfg.train, cfg.data) == (self.cfg.train, self.cfg.data):
             return dataclasses.replace(self.plan, run_dir=run_dir)
-        return dataclasses.replace(make_plan(cfg, self.stats, self.plan.pad_id, self.plan.has_eval, run_dir),
+        return dataclasses.replace(make_plan(cfg, self.stats, self.plan.pad_id, self.plan.has_eval, run_dir,
+                                             self.model_config),
                                    probe_prompts=self.plan.probe_prompts, stop_ids=self.plan.stop_ids)
+
+
+def batch_layout(cfg: RunConfig, plan: RunPlan) -> str:
+    """The batch layout in words, for the plan line."""
+    if not cfg.data.packing:
+        return "padded rows (data.packing: false)"
+    if cfg.model.attn_implementation == "flash_attention_2" and not plan.segment_attention:
+        return "packed, one flash-attn varlen row"
+    return (f"packed rows of <= {cfg.data.pack_row_tokens} tokens"
+            + (", each pair's prompt once" if plan.share_prompt else "")
+            + (", attention per sequence" if plan.segment_attention else ", block-diagonal attention mask"))
 
 
 def with_probes(plan: RunPlan, cfg: RunConfig, eval_ds, stop_ids: list) -> RunPlan:
@@ -196,7 +217,7 @@ def with_reference(prepared: Prepared, cfg: RunConfig) -> Prepared:
     from simpo_ray.reference import add_reference_logps
 
     print(f"[simpo-ray] loss '{cfg.simpo.loss}' needs reference log-probs: one pass over the data")
-    datasets = {k: add_reference_logps(v, cfg, prepared.model_path, prepared.plan.pad_id)
+    datasets = {k: add_reference_logps(v, cfg, prepared.model_path, prepared.plan.pad_id, prepared.plan.layout)
                 for k, v in prepared.datasets.items()}
     return dataclasses.replace(prepared, datasets=datasets)
 
@@ -207,7 +228,7 @@ def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
     import ray
 
     from simpo_ray.data import prepare_datasets
-    from simpo_ray.models import check_model_folder, resolve_model_path, tokenizer_facts
+    from simpo_ray.models import check_model_folder, read_model_config, resolve_model_path, tokenizer_facts
 
     init_ray(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path, dataclasses.asdict(cfg.model.tiny))
@@ -218,13 +239,15 @@ def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
         model_path, cfg.model.trust_remote_code, cfg.data.add_bos, cfg.data.allow_special_tokens_in_text)
     data = prepare_datasets(cfg, model_path)
     stats, facts = data["stats"], ray.get(facts)
-    plan = make_plan(cfg, stats, facts["pad_id"], has_eval=data["eval"] is not None)
+    model_config = read_model_config(model_path)
+    plan = make_plan(cfg, stats, facts["pad_id"], has_eval=data["eval"] is not None, model_config=model_config)
     plan = with_probes(plan, cfg, data["eval"], facts["stop_ids"])
     datasets = {"train": data["train"]}
     if data["eval"] is not None:
         datasets["eval"] = data["eval"]
     print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
           f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
+    print(f"[simpo-ray] batches: {batch_layout(cfg, plan)}")
     if cfg.data.token_budget:
         print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro-batches of <= {cfg.data.token_budget} "
               f"tokens x accumulation {cfg.train.grad_accum_steps}; about {plan.steps_per_epoch} steps/epoch "
@@ -233,7 +256,8 @@ def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
         print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro {cfg.train.micro_batch_size} x "
               f"accumulation {cfg.train.grad_accum_steps} = batch {cfg.train.total_batch_size}; "
               f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps")
-    prepared = Prepared(cfg=cfg, datasets=datasets, plan=plan, stats=stats, model_path=model_path)
+    prepared = Prepared(cfg=cfg, datasets=datasets, plan=plan, stats=stats, model_path=model_path,
+                        model_config=model_config)
     return with_reference(prepared, cfg) if reference else prepared
 
 

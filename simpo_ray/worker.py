@@ -29,11 +29,12 @@ def train_loop_per_worker(config: dict) -> None:
     t = cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
-    epoch_steps = budget.schedule(train_shard, cfg, t.num_workers) if cfg.data.token_budget else None
+    epoch_steps = budget.schedule(train_shard, cfg, t.num_workers, plan.share_prompt) if cfg.data.token_budget else None
     if epoch_steps:
         plan = budget.counted_plan(plan, epoch_steps, cfg, rank)
     engine, restored = checkpoint.restore(lambda universal: build_engine(cfg, model_path(cfg), plan.total_steps,
-                                                                         universal=universal)[0])
+                                                                         universal=universal,
+                                                                         segments=plan.segment_attention)[0])
     state = TrainState.from_dict(restored) if restored else TrainState()
     if rank == 0 and state.step:
         print(f"[simpo-ray] resumed at step {state.step} (epoch {state.epoch}, micro-batch {state.micro})")
@@ -133,12 +134,13 @@ def optimizer_steps(engine, shard, cfg: RunConfig, plan: RunPlan, epoch_steps, s
         return
     for epoch in range(state.epoch, t.epochs):
         start = state.micro if epoch == state.epoch else 0
-        for n, (g, batch) in enumerate(budget.rank_micro(budget.iter_micro(shard, cfg, epoch), start, rank, world), 1):
+        stream = budget.iter_micro(shard, cfg, epoch, plan.share_prompt)
+        for n, (g, batch) in enumerate(budget.rank_micro(stream, start, rank, world), 1):
             consumed = start + n * world  # global micro-batches of the epoch after this round
             if consumed > epoch_micro[epoch]:
                 break
             rnd = -(-g // world)  # the round on a run that never changed its worker count
-            loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan.pad_id)
+            loss, pair_sums, n_tokens = forward_batch(engine, batch, cfg, plan.pad_id, plan.layout)
             if epoch_steps:  # a mean over the step's pairs on all ranks, not over this micro-batch's
                 loss = loss * budget.loss_scale(len(batch["prompt_ids"]), world, t.grad_accum_steps,
                                                 budget.step_pairs(epoch_steps[epoch], g, t.grad_accum_steps * world))
@@ -213,13 +215,14 @@ def quiet_worker_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
 
 
-def forward_batch(engine, batch: dict, cfg: RunConfig, pad_id: int):
-    """One forward of chosen+rejected -> (loss, metric sums, non-pad tokens)."""
+def forward_batch(engine, batch: dict, cfg: RunConfig, pad_id: int, layout: dict | None = None):
+    """One forward of chosen+rejected -> (loss, metric sums, tokens computed). ``layout``:
+    ``RunPlan.layout`` (packed rows: the shared prompt, attention per segment)."""
     import torch
 
     from simpo_ray.objective import step_loss
 
-    b, extra = collate(batch, cfg, pad_id)
+    b, extra = collate(batch, cfg, pad_id, layout)
     b = {k: v.to(engine.device) for k, v in b.items()}
     extra = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in extra.items()}
     sums, counts = engine(b["input_ids"], b.get("attention_mask"), b["labels"],
@@ -233,15 +236,16 @@ def forward_batch(engine, batch: dict, cfg: RunConfig, pad_id: int):
     return loss, pair_sums, int(real.sum())
 
 
-def collate(batch: dict, cfg: RunConfig, pad_id: int):
-    """Numpy batch -> (tensors, extra model kwargs): padded, or packed (``data.packing``).
-    A ``chosen``-rows loss (sft) trains the chosen rows only, trimmed to their longest."""
+def collate(batch: dict, cfg: RunConfig, pad_id: int, layout: dict | None = None):
+    """Numpy batch -> (tensors, extra model kwargs): padded, or packed (``data.packing``,
+    laid out as ``layout`` says: ``RunPlan.layout``). A ``chosen``-rows loss (sft) trains
+    the chosen rows only, trimmed to their longest."""
     from simpo_ray import collate as C
 
     chosen_only = LOSSES[cfg.simpo.loss].rows == "chosen"
     if cfg.data.packing and not chosen_only:
         return C.packed_model_inputs(batch, pad_id, cfg.data.pack_row_tokens,
-                                     flash=cfg.model.attn_implementation == "flash_attention_2")
+                                     flash=cfg.model.attn_implementation == "flash_attention_2", **(layout or {}))
     b = C.collate_numpy_batch(batch, pad_id, pad_to_multiple_of=8)
     if chosen_only:
         n = len(batch["prompt_ids"])
@@ -250,7 +254,7 @@ def collate(batch: dict, cfg: RunConfig, pad_id: int):
     return b, {}
 
 
-def evaluate(engine, shard, cfg: RunConfig, pad_id: int) -> dict:
+def evaluate(engine, shard, cfg: RunConfig, pad_id: int, layout: dict | None = None) -> dict:
     """Held-out pairs, no grad. Same keys as training under ``eval/``."""
     import torch
 
@@ -258,7 +262,7 @@ def evaluate(engine, shard, cfg: RunConfig, pad_id: int) -> dict:
     engine.eval()
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
-            metrics.add_sums(sums, forward_batch(engine, batch, cfg, pad_id)[1])
+            metrics.add_sums(sums, forward_batch(engine, batch, cfg, pad_id, layout)[1])
     engine.train()
     return metrics.to_metrics(metrics.all_reduce_sums(sums), prefix="eval/")
 
@@ -290,7 +294,7 @@ def build_report(engine, cfg: RunConfig, plan: RunPlan, state: TrainState, windo
         if rank_micro is not None:
             report["rank_micro_batches"] = rank_micro
     if eval_shard is not None:
-        report.update(evaluate(engine, eval_shard, cfg, plan.pad_id))
+        report.update(evaluate(engine, eval_shard, cfg, plan.pad_id, plan.layout))
     if probe and plan.probe_prompts:
         report.update(probes.probe(engine, cfg, plan, model_path(cfg), state.step))
     report.update(gamma=cfg.simpo.resolved_gamma, gamma_beta_ratio=cfg.simpo.resolved_gamma_beta_ratio)
