@@ -25,16 +25,16 @@ def iter_train(shard, cfg, epoch: int):
                               **shuffle_args(cfg.data, epoch, mb))
 
 
-def iter_micro(shard, cfg, epoch: int, share_prompt: bool = False):
-    """The epoch's global micro-batches: ``micro_batch_size`` pairs, or with
-    ``data.token_budget`` as many whole pairs as fit the budget (same order; a pair
-    costs what it takes packed, its prompt once with ``share_prompt``)."""
+def iter_micro(shard, cfg, epoch: int, plan):
+    """The epoch's global micro-batches: ``micro_batch_size`` pairs, or with a token
+    budget (``plan.token_budget``) as many whole pairs as fit it (same order; a pair
+    costs what it takes packed, its prompt once with ``plan.share_prompt``)."""
     batches = iter_train(shard, cfg, epoch)
-    if not cfg.data.token_budget:
+    if not plan.token_budget:
         return batches
     from simpo_ray.collate import token_budget_batches
 
-    return token_budget_batches(batches, cfg.data.token_budget, share_prompt=share_prompt)
+    return token_budget_batches(batches, plan.token_budget, share_prompt=plan.share_prompt)
 
 
 def rank_micro(stream, start: int, rank: int, world: int):
@@ -46,7 +46,7 @@ def rank_micro(stream, start: int, rank: int, world: int):
             yield g, batch
 
 
-def schedule(shard, cfg, world: int, share_prompt: bool = False) -> list:
+def schedule(shard, cfg, world: int, plan) -> list:
     """The global number of pairs in every optimizer step of every epoch, as
     ``[[pairs of step 1, ...] per epoch]``: a step is ``grad_accum_steps x world``
     consecutive global micro-batches. Every rank counts the same stream; a collective
@@ -57,7 +57,7 @@ def schedule(shard, cfg, world: int, share_prompt: bool = False) -> list:
     per_step = cfg.train.grad_accum_steps * world
     out = []
     for epoch in range(cfg.train.epochs):
-        sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch, share_prompt)]
+        sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch, plan)]
         out.append([sum(sizes[i:i + per_step]) for i in range(0, len(sizes) // per_step * per_step, per_step)])
     mine = torch.tensor([sum(len(s) for s in out), sum(map(sum, out))], dtype=torch.long)
     low, high = mine.clone(), mine.clone()
@@ -74,12 +74,12 @@ def counted_plan(plan, epoch_steps: list, cfg, rank: int):
     t = cfg.train
     plan = plan.counted(epoch_steps, t.max_steps)
     if plan.total_steps == 0:
-        raise ValueError(f"data.token_budget={cfg.data.token_budget}: not one optimizer step of "
+        raise ValueError(f"token budget {plan.token_budget} (data.token_budget={cfg.data.token_budget}): not one optimizer step of "
                          f"{t.grad_accum_steps} micro-batches fits in an epoch on every rank; "
                          "lower train.total_batch_size or add data")
     if rank == 0:
         n = len(epoch_steps[0])
-        print(f"[simpo-ray] token budget {cfg.data.token_budget}: {n} steps in epoch 0 "
+        print(f"[simpo-ray] token budget {plan.token_budget}: {n} steps in epoch 0 "
               f"(about {sum(epoch_steps[0]) / max(n, 1):.1f} pairs per step), {plan.total_steps} steps in all",
               flush=True)
     return plan

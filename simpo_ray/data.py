@@ -224,6 +224,9 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     mean_pair_tokens = (sum(2 * rows["prompt_len"][i] + rows["resp_len"][i] for i in train_rows) / n_train
                         if d.token_budget else None)
     mean_prompt_tokens = sum(rows["prompt_len"][i] for i in train_rows) / n_train
+    # The largest pair as packed, plain and with the prompt once (an "auto" budget fits it).
+    max_pair = max((2 * rows["prompt_len"][i] + rows["resp_len"][i], rows["prompt_len"][i] + rows["resp_len"][i] + 1)
+                   for i in train_rows)
 
     final = tokenized.map_batches(_finalize, batch_format="pyarrow", fn_kwargs={
         "drop": [f"{src}\0{n}" for src, n in sorted(gone)], "eval_groups": eval_groups})
@@ -242,8 +245,8 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
         "stats": {"train_pairs": n_train, "eval_pairs": n_eval, "dropped": dropped,
                   "dropped_total": sum(dropped.values()), "truncated_pairs": n_trunc, "token_notes": dict(notes),
                   "split": split_rule, "files": paths,
-                  **({"mean_pair_tokens": mean_pair_tokens, "mean_prompt_tokens": mean_prompt_tokens}
-                     if mean_pair_tokens else {}),
+                  **({"mean_pair_tokens": mean_pair_tokens, "mean_prompt_tokens": mean_prompt_tokens,
+                      "max_pair_tokens": list(max_pair)} if mean_pair_tokens else {}),
                   "fingerprint": fingerprint(paths, settings)},
     }
 

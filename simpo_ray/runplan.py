@@ -51,6 +51,8 @@ class RunPlan(_Boundary):
     # segment (the model switched to simpo_ray.attention).
     share_prompt: bool = False
     segment_attention: bool = False
+    # Tokens per micro-batch (data.token_budget, "auto" resolved); None: fixed pair counts.
+    token_budget: Optional[int] = None
 
     @property
     def layout(self) -> dict:

@@ -96,7 +96,10 @@ class DataConfig:
     # tokens (chosen + rejected, prompts counted twice) instead of a fixed pair count;
     # a step is still train.grad_accum_steps micro-batches, its loss a mean over all its
     # pairs; micro_batch_size is then only the read size (see README, Data).
-    token_budget: Optional[int] = None
+    # "auto" (the default): micro_batch_size x the data's mean packed pair size (at least
+    # its largest pair), so a step keeps train.total_batch_size pairs on average; null:
+    # fixed micro_batch_size pairs.
+    token_budget: Union[int, str, None] = "auto"
     # BOS auto|always|never; special-token strings in text stay text (simpo_ray.tokens).
     add_bos: str = "auto"
     allow_special_tokens_in_text: bool = False
@@ -131,7 +134,11 @@ class DataConfig:
         if self.pack_max_tokens is not None and self.pack_max_tokens < self.max_length:
             raise ConfigError(f"{path}.pack_max_tokens", f"({self.pack_max_tokens}) must be >= max_length "
                                                          f"({self.max_length}) so every sequence fits a row")
-        if self.token_budget is not None and self.token_budget < 2 * self.max_length:
+        if isinstance(self.token_budget, str) or isinstance(self.token_budget, bool):
+            if self.token_budget != "auto":
+                raise ConfigError(f"{path}.token_budget", f"must be a number of tokens, 'auto' or null, "
+                                                          f"got {self.token_budget!r}")
+        elif self.token_budget is not None and self.token_budget < 2 * self.max_length:
             raise ConfigError(f"{path}.token_budget", f"({self.token_budget}) must be >= 2 x max_length "
                                                       f"({2 * self.max_length}) so every pair fits")
 

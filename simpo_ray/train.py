@@ -101,7 +101,7 @@ def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir:
 
     t = cfg.train
     layout = packed_layout(cfg.data, cfg.model.attn_implementation, model_config or {})
-    pairs_per_micro = t.micro_batch_size
+    pairs_per_micro, budget = t.micro_batch_size, None
     if cfg.data.token_budget:
         # Micro-batches are cut by tokens: the workers count the exact steps of every
         # epoch before training (simpo_ray.budget); this estimate only sizes the
@@ -109,7 +109,13 @@ def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir:
         cost = stats.get("mean_pair_tokens") or 1
         if layout["share_prompt"]:  # the prompt once, plus one token
             cost -= (stats.get("mean_prompt_tokens") or 1) - 1
-        pairs_per_micro = max(1, cfg.data.token_budget // max(1, round(cost)))
+        budget = cfg.data.token_budget
+        if budget == "auto":
+            # The nominal micro-batch on average: a greedy cut leaves about half a pair's
+            # room unused, so micro_batch_size + 1/2 mean pairs; the largest pair still fits.
+            largest = (stats.get("max_pair_tokens") or [1, 1])[1 if layout["share_prompt"] else 0]
+            budget = max(-(-round((t.micro_batch_size + 0.5) * cost) // 8) * 8, largest)
+        pairs_per_micro = max(1, budget // max(1, round(cost)))
     # One global stream of micro-batches (drop_last); a step is the next
     # grad_accum_steps x num_workers of them, whatever the number of workers.
     steps_per_epoch = stats["train_pairs"] // pairs_per_micro // (t.grad_accum_steps * t.num_workers)
@@ -117,12 +123,13 @@ def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir:
         raise DataError(
             f"{stats['train_pairs']} training pairs are fewer than one optimizer step needs "
             f"(train.total_batch_size={t.total_batch_size}"
-            + (f", data.token_budget={cfg.data.token_budget}" if cfg.data.token_budget else "")
+            + (f", token budget {budget}" if budget else "")
             + "); lower it or add data")
     total = steps_per_epoch * t.epochs
     if t.max_steps:
         total = min(total, t.max_steps)
     return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id, **layout,
+                   token_budget=budget,
                    run_dir=run_dir or str(cfg.output.run_dir),
                    stats={k: v for k, v in stats.items() if k != "files"},
                    unused_pairs_per_epoch=stats["train_pairs"] - steps_per_epoch * t.total_batch_size)
@@ -248,8 +255,8 @@ def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
     print(f"[simpo-ray] data: {stats['train_pairs']} train pairs, {stats['eval_pairs']} eval pairs, "
           f"dropped {stats['dropped'] or 'none'}, fingerprint {stats['fingerprint']}")
     print(f"[simpo-ray] batches: {batch_layout(cfg, plan)}")
-    if cfg.data.token_budget:
-        print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro-batches of <= {cfg.data.token_budget} "
+    if plan.token_budget:
+        print(f"[simpo-ray] plan: {cfg.train.num_workers} workers x micro-batches of <= {plan.token_budget} "
               f"tokens x accumulation {cfg.train.grad_accum_steps}; about {plan.steps_per_epoch} steps/epoch "
               f"(mean pair {stats.get('mean_pair_tokens', 0):.0f} tokens; the workers count the exact steps)")
     else:

@@ -29,7 +29,7 @@ def train_loop_per_worker(config: dict) -> None:
     t = cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
-    epoch_steps = budget.schedule(train_shard, cfg, t.num_workers, plan.share_prompt) if cfg.data.token_budget else None
+    epoch_steps = budget.schedule(train_shard, cfg, t.num_workers, plan) if plan.token_budget else None
     if epoch_steps:
         plan = budget.counted_plan(plan, epoch_steps, cfg, rank)
     engine, restored = checkpoint.restore(lambda universal: build_engine(cfg, model_path(cfg), plan.total_steps,
@@ -134,7 +134,7 @@ def optimizer_steps(engine, shard, cfg: RunConfig, plan: RunPlan, epoch_steps, s
         return
     for epoch in range(state.epoch, t.epochs):
         start = state.micro if epoch == state.epoch else 0
-        stream = budget.iter_micro(shard, cfg, epoch, plan.share_prompt)
+        stream = budget.iter_micro(shard, cfg, epoch, plan)
         for n, (g, batch) in enumerate(budget.rank_micro(stream, start, rank, world), 1):
             consumed = start + n * world  # global micro-batches of the epoch after this round
             if consumed > epoch_micro[epoch]:

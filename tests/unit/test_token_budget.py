@@ -9,6 +9,7 @@ import pytest
 
 from simpo_ray.config import RunConfig
 from simpo_ray.budget import iter_micro
+from simpo_ray.runplan import RunPlan
 from simpo_ray.budget import loss_scale as budget_loss_scale
 
 
@@ -37,7 +38,8 @@ def test_micro_batches_fill_the_budget_with_whole_pairs_in_order():
     cfg = RunConfig.from_dict({"data": {"train_files": ["x"], "max_length": 256, "max_prompt_length": 64,
                                         "token_budget": 600, "shuffle": False},
                                "train": {"micro_batch_size": 4, "total_batch_size": 8, "num_workers": 1}})
-    micro = list(iter_micro(_Shard(_batches(lengths, 4)), cfg, epoch=0))
+    plan = RunPlan(steps_per_epoch=1, total_steps=1, has_eval=False, pad_id=0, run_dir="", token_budget=600)
+    micro = list(iter_micro(_Shard(_batches(lengths, 4)), cfg, 0, plan))
     rows = [r for m in micro for r in m["row"]]
     assert rows == list(range(50))  # order kept, nothing lost
     costs = [sum(2 * p + c + r for p, c, r in (lengths[i] for i in m["row"])) for m in micro]
@@ -46,8 +48,11 @@ def test_micro_batches_fill_the_budget_with_whole_pairs_in_order():
     for m, c in zip(micro[:-1], costs):
         nxt = lengths[m["row"][-1] + 1]
         assert c + 2 * nxt[0] + nxt[1] + nxt[2] > 600
-    plain = cfg.__class__.from_dict(dict(cfg.to_dict(), data=dict(cfg.to_dict()["data"], token_budget=None)))
-    assert [len(b["row"]) for b in iter_micro(_Shard(_batches(lengths, 4)), plain, 0)] == [4] * 12 + [2]
+    shared = list(iter_micro(_Shard(_batches(lengths, 4)), cfg, 0, RunPlan(**{**plan.to_dict(), "share_prompt": True})))
+    assert [r for m in shared for r in m["row"]] == list(range(50)) and len(shared) < len(micro)  # the prompt once
+    assert all(sum(p + c + 1 + r for p, c, r in (lengths[i] for i in m["row"])) <= 600 for m in shared)
+    plain = RunPlan(**{**plan.to_dict(), "token_budget": None})
+    assert [len(b["row"]) for b in iter_micro(_Shard(_batches(lengths, 4)), cfg, 0, plain)] == [4] * 12 + [2]
 
 
 @pytest.mark.parametrize("world,gas", [(1, 1), (2, 2), (3, 4)])
