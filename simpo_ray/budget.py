@@ -47,8 +47,8 @@ def rank_micro(stream, start: int, rank: int, world: int):
 
 
 def schedule(shard, cfg, world: int, plan) -> list:
-    """The global number of pairs in every optimizer step of every epoch, as
-    ``[[pairs of step 1, ...] per epoch]``: a step is ``grad_accum_steps x world``
+    """The global number of pairs in every optimizer step of every epoch the run reaches
+    (``train.max_steps`` may end it early), as ``[[pairs of step 1, ...] per epoch]``: a step is ``grad_accum_steps x world``
     consecutive global micro-batches. Every rank counts the same stream; a collective
     check refuses to train if two ranks saw different streams."""
     import torch
@@ -59,6 +59,8 @@ def schedule(shard, cfg, world: int, plan) -> list:
     for epoch in range(cfg.train.epochs):
         sizes = [len(b["prompt_ids"]) for b in iter_micro(shard, cfg, epoch, plan)]
         out.append([sum(sizes[i:i + per_step]) for i in range(0, len(sizes) // per_step * per_step, per_step)])
+        if cfg.train.max_steps and sum(len(s) for s in out) >= cfg.train.max_steps:
+            break  # the run ends in this epoch: later epochs are never read
     mine = torch.tensor([sum(len(s) for s in out), sum(map(sum, out))], dtype=torch.long)
     low, high = mine.clone(), mine.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
