@@ -91,3 +91,34 @@ def test_ranks_share_the_global_stream_from_any_position(world, start):
         {"data": {"train_files": ["x"]}, "train": {"micro_batch_size": 2, "total_batch_size": 12,
                                                   "num_workers": w, "epochs": 2}}).train) for w in (1, 2, 3, 6)}
     assert set(map(tuple, per_epoch.values())) == {(30, 30)}
+
+
+def test_auto_budget_keeps_the_nominal_batch_and_the_layout_follows_the_model():
+    """data.token_budget: auto = (micro_batch_size + 1/2) x the mean packed pair (the
+    prompt once when shared), rounded up to 8, at least the largest pair; the packed
+    layout (shared prompt, attention per segment) only where it is exact."""
+    from simpo_ray.train import make_plan
+
+    def plan(data=None, model=None, config=None):
+        cfg = RunConfig.from_dict({"data": {"train_files": ["x"], "max_length": 256, "max_prompt_length": 64,
+                                            **(data or {})}, "model": model or {},
+                                   "train": {"micro_batch_size": 4, "total_batch_size": 8, "num_workers": 1}})
+        stats = {"train_pairs": 400, "mean_pair_tokens": 100.0, "mean_prompt_tokens": 20.0,
+                 "max_pair_tokens": [300, 281]}
+        return make_plan(cfg, stats, 0, False, "/tmp/run", model_config=config)
+
+    p = plan()
+    assert (p.share_prompt, p.segment_attention, p.token_budget) == (True, True, 368)  # 4.5 x 81 = 364.5
+    assert plan({"share_prompt": False}).token_budget == 456  # 4.5 x 100, unshared
+    assert plan({"token_budget": 2000}).token_budget == 2000 and plan({"token_budget": None}).token_budget is None
+    assert plan({"share_prompt": False}, config=None).segment_attention  # per-sequence attention without sharing
+    capped = plan(config={"model_type": "gemma2", "attn_logit_softcapping": 50.0})
+    assert (capped.share_prompt, capped.segment_attention, capped.token_budget) == (False, False, 456)
+    flash = plan(model={"attn_implementation": "flash_attention_2"})
+    assert (flash.share_prompt, flash.segment_attention) == (False, False)
+    padded = plan({"packing": False})
+    assert (padded.share_prompt, padded.segment_attention) == (False, False)
+    with pytest.raises(Exception, match="data.share_prompt"):
+        plan({"packing": False, "share_prompt": True})
+    with pytest.raises(Exception, match="data.token_budget"):
+        plan({"token_budget": "max"})
