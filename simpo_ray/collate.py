@@ -201,7 +201,8 @@ def packed_model_inputs(batch: dict, pad_id: int, max_tokens: int, flash: bool, 
                         segment_attention: bool | None = None):
     """A numpy pair batch -> (packed tensors, extra model kwargs): rows of at most
     ``max_tokens`` with position ids restarting per sequence (a block-diagonal mask
-    under SDPA/eager), or, for flash-attn varlen, one row and its cu_seq_lens.
+    under SDPA/eager), or one row: for flash-attn varlen with its cu_seq_lens, and with
+    segment attention.
 
     ``share_prompt``: the shared-prompt layout (``segments.collate_shared``: the prompt
     once per pair). ``segment_attention`` (default: ``share_prompt``, which needs it):
@@ -212,7 +213,10 @@ def packed_model_inputs(batch: dict, pad_id: int, max_tokens: int, flash: bool, 
     segment_attention = share_prompt if segment_attention is None else segment_attention
     if share_prompt and not segment_attention:
         raise ValueError("the shared-prompt layout needs segment attention (simpo_ray.attention)")
-    rows = None if flash else max_tokens
+    # One row when attention does not depend on the row: flash-attn varlen, or attention
+    # per segment (no dense mask: a row's length costs nothing, and one row has no
+    # packing waste). Rows of at most max_tokens only for the dense block-diagonal mask.
+    rows = None if flash or segment_attention else max_tokens
     b = (collate_shared_numpy_batch(batch, pad_id, max_tokens=rows) if share_prompt
          else collate_packed_numpy_batch(batch, pad_id, max_tokens=rows))
     extra = {"position_ids": b.pop("position_ids"), "num_sequences": 2 * len(batch["prompt_ids"])}

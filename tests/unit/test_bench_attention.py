@@ -22,5 +22,5 @@ def test_attention_benchmark_quick(tmp_path):
         assert r["first_loss_max_diff"] <= 1e-5
         for m in bench.MODES:
             assert math.isfinite(r["seconds"][m]) and r["seconds"][m] > 0 and r["ratio_vs_padded"][m] > 0
-        assert r["slots"]["shared-segments"] < r["slots"]["packed-segments"] == r["slots"]["packed-dense"]
+        assert r["slots"]["shared-segments"] < r["slots"]["packed-segments"] <= r["slots"]["packed-dense"]  # one row: no packing waste
         assert r["ratio_vs_padded"]["padded"] == 1.0
