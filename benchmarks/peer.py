@@ -18,7 +18,7 @@ Modes (one optimizer step per micro-batch each):
                chunked log-prob head of ``PolicyLogps``, ``objective``), backward,
                gradient clipping, torch AdamW (the client optimizer ``engine.py``
                hands DeepSpeed).
-  ours-padded  the same with ``data.packing: false`` (the config default): padded
+  ours-padded  the same with ``data.packing: false`` (the padded path; packing is the default): padded
                rows, chunked head.
 
 Reported per model size: non-pad tokens/s (prompt + completion tokens of chosen and
