@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
     out = {"config": a.config, "import_floor_s": round(floor, 2), "first_step_s": best["first_step"],
            "ratio": round(best["first_step"] / floor, 2), "phases_s": best, "runs": runs,
            "import_floors_s": [round(f, 2) for f in floors]}
+    # Printed here, not through simpo_ray.tables: the script imports nothing of the package,
+    # so the same file measures an older checkout (the baseline row in benchmarks/README.md).
     print("| import floor s | data read s | plan s | workers up s | first step s | exit s | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {floor:.2f} | {best.get('data', float('nan')):.2f} | {best.get('plan', float('nan')):.2f} | "

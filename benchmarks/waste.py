@@ -8,7 +8,7 @@ max_length 1024 / max_prompt_length 512 by default, truncated like the pipeline.
 Layouts, each over the whole set, micro-batches in data order:
   fixed-N     N pairs per micro-batch (data.token_budget: null), packed rows of at most
               2 x max_length (collate_packed / pack_rows).
-  budget      data.token_budget: auto for micro_batch_size N (as train.make_plan
+  budget      data.token_budget: auto for micro_batch_size N (as budget.make_plan
               resolves it), the same rows (a dense block-diagonal mask needs them short).
   one-row     the budget, every sequence in one row: what attention per segment (the
               default) and flash-attn varlen get (collate.packed_model_inputs).
@@ -33,15 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from packing import ultrafeedback_like  # noqa: E402
 
+from simpo_ray.budget import auto_token_budget  # noqa: E402
 from simpo_ray.collate import pack_rows, pair_cost, token_budget_batches  # noqa: E402
 from simpo_ray.segments import pack_shared_rows  # noqa: E402
+from simpo_ray.tables import markdown_table  # noqa: E402
 
 
 def auto_budget(pairs, micro: int, share: bool) -> int:
-    """What train.make_plan resolves data.token_budget: auto to."""
+    """What budget.make_plan resolves data.token_budget: auto to, for these pairs."""
     costs = [pair_cost(len(p), len(c), len(r), share_prompt=share) for p, c, r in pairs]
-    mean = sum(costs) / len(costs)
-    return max(-(-round((micro + 0.5) * mean) // 8) * 8, max(costs))
+    return auto_token_budget(micro, sum(costs) / len(costs), max(costs))
 
 
 def measure(pairs, micro: int, max_length: int, mode: str) -> dict:
@@ -84,11 +85,9 @@ def main(argv=None) -> list:
     a = ap.parse_args(argv)
     pairs = ultrafeedback_like(a.pairs, a.seed, a.max_length, a.max_length // 2, a.length_scale)
     out = [measure(pairs, m, a.max_length, mode) for m in a.micro for mode in ("fixed", "budget", "one-row", "shared")]
-    print("| micro_batch_size | layout | token budget | pairs / micro-batch | waste | slots / pair |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for r in out:
-        print(f"| {r['micro']} | {r['mode']} | {r['budget'] or '-'} | {r['pairs_per_micro']} | "
-              f"{100 * r['waste']:.1f}% | {r['slots_per_pair']} |")
+    print(markdown_table(["micro_batch_size", "layout", "token budget", "pairs / micro-batch", "waste", "slots / pair"],
+                         [[r["micro"], r["mode"], r["budget"] or "-", r["pairs_per_micro"], f"{100 * r['waste']:.1f}%",
+                           r["slots_per_pair"]] for r in out], text_columns=(1,)))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return out

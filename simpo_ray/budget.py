@@ -9,10 +9,59 @@ optimizer step is always the next ``total_batch_size / micro_batch_size`` micro-
 Budget micro-batches (``data.token_budget``) hold a data-dependent number of whole
 pairs; every rank counts the same global stream once per epoch, so all ranks agree on
 the steps without negotiating, and the pairs of each step let the loss be a mean over
-all of them (``loss_scale``).
+all of them (``loss_scale``). The driver's plan (``make_plan``: steps per epoch, the
+resolved budget, the packed layout) is made here too.
 """
 
 from __future__ import annotations
+
+
+def auto_token_budget(micro_batch_size: int, mean_cost: float, largest: int) -> int:
+    """``data.token_budget: auto``: the nominal micro-batch on average (a greedy cut
+    leaves about half a pair's room unused, so micro_batch_size + 1/2 mean pairs), rounded
+    up to 8 tokens, and never below the largest pair."""
+    return max(-(-round((micro_batch_size + 0.5) * mean_cost) // 8) * 8, largest)
+
+
+def make_plan(cfg, stats: dict, pad_id: int, has_eval: bool, run_dir: str = "", model_config=None):
+    """The RunPlan: steps and other facts every worker needs, computed once on the
+    driver. ``model_config``: the model's config.json (the packed layout depends on it)."""
+    from simpo_ray.collate import packed_layout
+    from simpo_ray.runplan import RunPlan
+    from simpo_ray.sources import DataError
+
+    t = cfg.train
+    layout = packed_layout(cfg.data, cfg.model.attn_implementation, model_config or {})
+    pairs_per_micro, budget = t.micro_batch_size, None
+    if cfg.data.token_budget:
+        # Micro-batches are cut by tokens: the workers count the exact steps of every
+        # epoch before training (simpo_ray.budget); this estimate only sizes the
+        # driver's plan line and a sweep's ASHA horizon.
+        cost = stats.get("mean_pair_tokens") or 1
+        if layout["share_prompt"]:  # the prompt once, plus one token
+            cost -= (stats.get("mean_prompt_tokens") or 1) - 1
+        budget = cfg.data.token_budget
+        if budget == "auto":
+            largest = (stats.get("max_pair_tokens") or [1, 1])[1 if layout["share_prompt"] else 0]
+            budget = auto_token_budget(t.micro_batch_size, cost, largest)
+        pairs_per_micro = max(1, budget // max(1, round(cost)))
+    # One global stream of micro-batches (drop_last); a step is the next
+    # grad_accum_steps x num_workers of them, whatever the number of workers.
+    steps_per_epoch = stats["train_pairs"] // pairs_per_micro // (t.grad_accum_steps * t.num_workers)
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{stats['train_pairs']} training pairs are fewer than one optimizer step needs "
+            f"(train.total_batch_size={t.total_batch_size}"
+            + (f", token budget {budget}" if budget else "")
+            + "); lower it or add data")
+    total = steps_per_epoch * t.epochs
+    if t.max_steps:
+        total = min(total, t.max_steps)
+    return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id, **layout,
+                   token_budget=budget,
+                   run_dir=run_dir or str(cfg.output.run_dir),
+                   stats={k: v for k, v in stats.items() if k != "files"},
+                   unused_pairs_per_epoch=stats["train_pairs"] - steps_per_epoch * t.total_batch_size)
 
 
 def iter_train(shard, cfg, epoch: int):

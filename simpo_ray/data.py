@@ -202,7 +202,8 @@ def prepare_datasets(cfg, tokenizer_path: str) -> dict:
     tokenized = ds.materialize()
 
     rows = small_columns(tokenized)
-    in_eval_file = [s in set(eval_files) for s in rows["source"]]
+    held_out = set(eval_files)
+    in_eval_file = [s in held_out for s in rows["source"]]
     bad, repeats = row_outcomes(rows, dedup=[d.dedup and not e for e in in_eval_file])
     dropped = summarize_errors(bad + repeats, strict=d.strict)
     gone = {(src, n) for src, n, *_ in repeats}
@@ -265,15 +266,14 @@ def small_columns(ds) -> dict:
     return out
 
 
-def row_outcomes(rows: dict, dedup) -> tuple[list, list]:
+def row_outcomes(rows: dict, dedup: list) -> tuple[list, list]:
     """The small columns (``small_columns``) -> (the refused rows, the repeated pairs),
     each as (source, row, message, reason). A repeat is a well-formed row whose pair
     already came earlier in file order (``rows.Duplicates``); ``dedup``: one flag per
-    row (held-out files are not deduplicated), or one for all."""
+    row (held-out files are not deduplicated)."""
     seen, bad, again = Duplicates(), [], []
-    flags = dedup if isinstance(dedup, list) else [dedup] * len(rows["row"])
     for src, n, err, reason, key, check in zip(rows["source"], rows["row"], rows["error"], rows["reason"],
-                                               rows["pair_key"], flags):
+                                               rows["pair_key"], dedup):
         if err:
             bad.append((str(src), int(n), str(err), str(reason)))
         elif check and (e := seen.check(str(key), str(src), int(n))) is not None:

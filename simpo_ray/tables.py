@@ -1,6 +1,7 @@
 """Result tables: rows (dicts of one shape) as a CSV file or as aligned text.
 
-The sweep's trial table and the scale ladder's size table are written through these.
+The sweep's trial table and the scale ladder's size table are written through these;
+benchmarks print markdown tables with ``markdown_table``.
 """
 
 from __future__ import annotations
@@ -38,3 +39,10 @@ def format_table(rows: list, fields: Optional[list] = None) -> str:
         return "  ".join(x.ljust(w) for x, w in zip(xs, widths))
 
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(x) for x in cells])
+
+
+def markdown_table(header: list, rows: list, text_columns: tuple = ()) -> str:
+    """A markdown table of already formatted cells: numbers right-aligned, the columns
+    in ``text_columns`` (indices) left-aligned."""
+    rule = ["---" if i in text_columns else "---:" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(str(c) for c in r) + " |" for r in [header, rule, *rows])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from simpo_ray import budget
 from simpo_ray.config import RunConfig
 from simpo_ray.export import CHANGES_FILE, PLAN_FILE
 from simpo_ray.runplan import STOP_FILE, RunPlan
@@ -91,50 +92,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_plan(cfg: RunConfig, stats: dict, pad_id: int, has_eval: bool, run_dir: str = "",
-              model_config: Optional[dict] = None) -> RunPlan:
-    """Steps and other facts every worker needs, computed once on the driver.
-    ``model_config``: the model's config.json (the packed layout depends on it)."""
-    from simpo_ray.collate import packed_layout
-
-    from simpo_ray.data import DataError
-
-    t = cfg.train
-    layout = packed_layout(cfg.data, cfg.model.attn_implementation, model_config or {})
-    pairs_per_micro, budget = t.micro_batch_size, None
-    if cfg.data.token_budget:
-        # Micro-batches are cut by tokens: the workers count the exact steps of every
-        # epoch before training (simpo_ray.budget); this estimate only sizes the
-        # driver's plan line and a sweep's ASHA horizon.
-        cost = stats.get("mean_pair_tokens") or 1
-        if layout["share_prompt"]:  # the prompt once, plus one token
-            cost -= (stats.get("mean_prompt_tokens") or 1) - 1
-        budget = cfg.data.token_budget
-        if budget == "auto":
-            # The nominal micro-batch on average: a greedy cut leaves about half a pair's
-            # room unused, so micro_batch_size + 1/2 mean pairs; the largest pair still fits.
-            largest = (stats.get("max_pair_tokens") or [1, 1])[1 if layout["share_prompt"] else 0]
-            budget = max(-(-round((t.micro_batch_size + 0.5) * cost) // 8) * 8, largest)
-        pairs_per_micro = max(1, budget // max(1, round(cost)))
-    # One global stream of micro-batches (drop_last); a step is the next
-    # grad_accum_steps x num_workers of them, whatever the number of workers.
-    steps_per_epoch = stats["train_pairs"] // pairs_per_micro // (t.grad_accum_steps * t.num_workers)
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"{stats['train_pairs']} training pairs are fewer than one optimizer step needs "
-            f"(train.total_batch_size={t.total_batch_size}"
-            + (f", token budget {budget}" if budget else "")
-            + "); lower it or add data")
-    total = steps_per_epoch * t.epochs
-    if t.max_steps:
-        total = min(total, t.max_steps)
-    return RunPlan(steps_per_epoch=steps_per_epoch, total_steps=total, has_eval=has_eval, pad_id=pad_id, **layout,
-                   token_budget=budget,
-                   run_dir=run_dir or str(cfg.output.run_dir),
-                   stats={k: v for k, v in stats.items() if k != "files"},
-                   unused_pairs_per_epoch=stats["train_pairs"] - steps_per_epoch * t.total_batch_size)
-
-
 @dataclass
 class Prepared:
     """The data read, checked and tokenized once (Ray datasets), and the plan made for
@@ -153,7 +110,7 @@ class Prepared:
         prepared model's tokenizer, so its pad id holds for every config fit on it."""
         if (cfg.train, cfg.data) == (self.cfg.train, self.cfg.data):
             return dataclasses.replace(self.plan, run_dir=run_dir)
-        return dataclasses.replace(make_plan(cfg, self.stats, self.plan.pad_id, self.plan.has_eval, run_dir,
+        return dataclasses.replace(budget.make_plan(cfg, self.stats, self.plan.pad_id, self.plan.has_eval, run_dir,
                                              self.model_config),
                                    probe_prompts=self.plan.probe_prompts, stop_ids=self.plan.stop_ids)
 
@@ -247,7 +204,7 @@ def prepare(cfg: RunConfig, reference: bool = True) -> Prepared:
     data = prepare_datasets(cfg, model_path)
     stats, facts = data["stats"], ray.get(facts)
     model_config = read_model_config(model_path)
-    plan = make_plan(cfg, stats, facts["pad_id"], has_eval=data["eval"] is not None, model_config=model_config)
+    plan = budget.make_plan(cfg, stats, facts["pad_id"], has_eval=data["eval"] is not None, model_config=model_config)
     plan = with_probes(plan, cfg, data["eval"], facts["stop_ids"])
     datasets = {"train": data["train"]}
     if data["eval"] is not None:

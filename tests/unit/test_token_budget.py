@@ -97,7 +97,7 @@ def test_auto_budget_keeps_the_nominal_batch_and_the_layout_follows_the_model():
     """data.token_budget: auto = (micro_batch_size + 1/2) x the mean packed pair (the
     prompt once when shared), rounded up to 8, at least the largest pair; the packed
     layout (shared prompt, attention per segment) only where it is exact."""
-    from simpo_ray.train import make_plan
+    from simpo_ray.budget import make_plan
 
     def plan(data=None, model=None, config=None):
         cfg = RunConfig.from_dict({"data": {"train_files": ["x"], "max_length": 256, "max_prompt_length": 64,
