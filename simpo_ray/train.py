@@ -121,9 +121,10 @@ def batch_layout(cfg: RunConfig, plan: RunPlan) -> str:
         return "padded rows (data.packing: false)"
     if cfg.model.attn_implementation == "flash_attention_2" and not plan.segment_attention:
         return "packed, one flash-attn varlen row"
-    return (f"packed rows of <= {cfg.data.pack_row_tokens} tokens"
-            + (", each pair's prompt once" if plan.share_prompt else "")
-            + (", attention per sequence" if plan.segment_attention else ", block-diagonal attention mask"))
+    if not plan.segment_attention:
+        return f"packed rows of <= {cfg.data.pack_row_tokens} tokens, block-diagonal attention mask"
+    return ("packed, one row per micro-batch" + (", each pair's prompt once" if plan.share_prompt else "")
+            + ", attention per sequence")
 
 
 def with_probes(plan: RunPlan, cfg: RunConfig, eval_ds, stop_ids: list) -> RunPlan:
